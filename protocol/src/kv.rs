@@ -1,0 +1,109 @@
+//! Requests of the kvstore, the client-facing MVCC store (port 10000).
+
+use bytes::Bytes;
+
+use crate::cmd::{encode, Cmd};
+use crate::response::ServerError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Begin,
+    Get {
+        key: Bytes,
+    },
+    Put {
+        key: Bytes,
+        value: Bytes,
+    },
+    Del {
+        key: Bytes,
+    },
+    /// Keys in `[start, end)`, sorted, at most `limit`.
+    Scan {
+        start: Bytes,
+        end: Bytes,
+        limit: Option<u64>,
+    },
+    Commit,
+    Abort,
+    Ping,
+    Status,
+    Quit,
+}
+
+impl Request {
+    /// Parses a request line; `Ok(None)` for a blank line.
+    pub fn parse(line: &[u8]) -> Result<Option<Request>, ServerError> {
+        let Some(c) = Cmd::parse(line)? else {
+            return Ok(None);
+        };
+        let req = match c.verb.as_str() {
+            "BEGIN" => c.arity(0, 0, "BEGIN").map(|_| Request::Begin)?,
+            "GET" => {
+                c.arity(1, 1, "GET <key>")?;
+                Request::Get { key: c.key(0)? }
+            }
+            "PUT" => {
+                c.arity(2, 2, "PUT <key> <value>")?;
+                Request::Put {
+                    key: c.key(0)?,
+                    value: c.args[1].clone(),
+                }
+            }
+            "DEL" => {
+                c.arity(1, 1, "DEL <key>")?;
+                Request::Del { key: c.key(0)? }
+            }
+            "SCAN" => {
+                const USAGE: &str = "SCAN <start> <end> [LIMIT n]";
+                c.arity(2, 4, USAGE)?;
+                let limit = match c.args.len() {
+                    2 => None,
+                    4 if c.args[2].eq_ignore_ascii_case(b"LIMIT") => Some(c.u64(3, "LIMIT")?),
+                    _ => c.arity(2, 2, USAGE).map(|_| None)?,
+                };
+                // The bounds are not keys: "" is a valid start (from the beginning).
+                Request::Scan {
+                    start: c.args[0].clone(),
+                    end: c.args[1].clone(),
+                    limit,
+                }
+            }
+            "COMMIT" => c.arity(0, 0, "COMMIT").map(|_| Request::Commit)?,
+            "ABORT" => c.arity(0, 0, "ABORT").map(|_| Request::Abort)?,
+            "PING" => c.arity(0, 0, "PING").map(|_| Request::Ping)?,
+            "STATUS" => c.arity(0, 0, "STATUS").map(|_| Request::Status)?,
+            "QUIT" => c.arity(0, 0, "QUIT").map(|_| Request::Quit)?,
+            _ => return Err(c.unknown()),
+        };
+        Ok(Some(req))
+    }
+
+    /// Writes the request line, without its terminator.
+    pub fn encode(&self) -> Vec<u8> {
+        let none: [&[u8]; 0] = [];
+        match self {
+            Request::Begin => encode("BEGIN", &none),
+            Request::Get { key } => encode("GET", &[key]),
+            Request::Put { key, value } => encode("PUT", &[key, value]),
+            Request::Del { key } => encode("DEL", &[key]),
+            Request::Scan { start, end, limit } => match limit {
+                None => encode("SCAN", &[start, end]),
+                Some(n) => encode(
+                    "SCAN",
+                    &[
+                        start.as_ref(),
+                        end.as_ref(),
+                        b"LIMIT",
+                        n.to_string().as_bytes(),
+                    ],
+                ),
+            },
+            Request::Commit => encode("COMMIT", &none),
+            Request::Abort => encode("ABORT", &none),
+            Request::Ping => encode("PING", &none),
+            Request::Status => encode("STATUS", &none),
+            Request::Quit => encode("QUIT", &none),
+        }
+    }
+}

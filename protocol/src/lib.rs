@@ -1,0 +1,29 @@
+//! DKSP, the dtkv line protocol: one request per `\n`-terminated line, one reply line per
+//! request, in order (multi-line replies end in `END`). The whole language is specified in
+//! `docs/dksp.md`; this crate is its one implementation:
+//!
+//! - [`token`]: splitting a line into arguments and quoting them back (any byte string can be an
+//!   argument).
+//! - [`codec`]: line framing with a length limit that survives oversized lines.
+//! - [`kv`], [`seq`], [`log`]: typed requests of each process; [`response`]: the reply lines all
+//!   of them share.
+//! - [`connection`], [`server`]: the buffered connection and accept loop the servers share.
+//! - [`client`]: an async client with typed helpers.
+//! - [`golden`]: the runner for data-driven test scripts.
+
+pub mod client;
+pub mod cmd;
+pub mod codec;
+pub mod connection;
+pub mod golden;
+pub mod kv;
+pub mod log;
+pub mod response;
+pub mod seq;
+pub mod server;
+pub mod token;
+
+pub use client::{Client, ClientError, CommitOutcome};
+pub use codec::{Frame, LineCodec, DEFAULT_MAX_LINE};
+pub use connection::Connection;
+pub use response::{ErrorCode, Response, ServerError};

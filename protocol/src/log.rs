@@ -1,0 +1,123 @@
+//! Requests of the logserver, the replicated write-ahead log (ports 10002, 10012, 10022).
+
+use bytes::Bytes;
+
+use crate::cmd::{encode, Cmd};
+use crate::response::ServerError;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Append `payload` exactly once per `(client, seq)`; answers `OK <index>` once committed.
+    Append {
+        client: Bytes,
+        seq: u64,
+        payload: Bytes,
+    },
+    /// Committed entries from `from`, at most `max`, then `END`.
+    Read {
+        from: u64,
+        max: Option<u64>,
+    },
+    /// Committed entries from `from` as they commit, until the client closes.
+    Tail {
+        from: u64,
+    },
+    AddReplica {
+        id: u64,
+        raft_addr: String,
+        dksp_addr: String,
+    },
+    RemoveReplica {
+        id: u64,
+    },
+    Ping,
+    Status,
+    Quit,
+}
+
+impl Request {
+    pub fn parse(line: &[u8]) -> Result<Option<Request>, ServerError> {
+        let Some(c) = Cmd::parse(line)? else {
+            return Ok(None);
+        };
+        let text = |i: usize| String::from_utf8_lossy(&c.args[i]).into_owned();
+        let req = match c.verb.as_str() {
+            "APPEND" => {
+                c.arity(3, 3, "APPEND <client> <seq> <payload>")?;
+                Request::Append {
+                    client: c.key(0)?,
+                    seq: c.u64(1, "seq")?,
+                    payload: c.args[2].clone(),
+                }
+            }
+            "READ" => {
+                c.arity(1, 2, "READ <from> [max]")?;
+                Request::Read {
+                    from: c.u64(0, "from")?,
+                    max: if c.args.len() == 2 {
+                        Some(c.u64(1, "max")?)
+                    } else {
+                        None
+                    },
+                }
+            }
+            "TAIL" => {
+                c.arity(1, 1, "TAIL <from>")?;
+                Request::Tail {
+                    from: c.u64(0, "from")?,
+                }
+            }
+            "ADD_REPLICA" => {
+                c.arity(3, 3, "ADD_REPLICA <id> <raft-addr> <dksp-addr>")?;
+                Request::AddReplica {
+                    id: c.u64(0, "id")?,
+                    raft_addr: text(1),
+                    dksp_addr: text(2),
+                }
+            }
+            "REMOVE_REPLICA" => {
+                c.arity(1, 1, "REMOVE_REPLICA <id>")?;
+                Request::RemoveReplica {
+                    id: c.u64(0, "id")?,
+                }
+            }
+            "PING" => c.arity(0, 0, "PING").map(|_| Request::Ping)?,
+            "STATUS" => c.arity(0, 0, "STATUS").map(|_| Request::Status)?,
+            "QUIT" => c.arity(0, 0, "QUIT").map(|_| Request::Quit)?,
+            _ => return Err(c.unknown()),
+        };
+        Ok(Some(req))
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let none: [&[u8]; 0] = [];
+        match self {
+            Request::Append {
+                client,
+                seq,
+                payload,
+            } => encode(
+                "APPEND",
+                &[
+                    client.as_ref(),
+                    seq.to_string().as_bytes(),
+                    payload.as_ref(),
+                ],
+            ),
+            Request::Read { from, max: None } => encode("READ", &[from.to_string()]),
+            Request::Read { from, max: Some(m) } => {
+                encode("READ", &[from.to_string(), m.to_string()])
+            }
+            Request::Tail { from } => encode("TAIL", &[from.to_string()]),
+            Request::AddReplica {
+                id,
+                raft_addr,
+                dksp_addr,
+            } => encode("ADD_REPLICA", &[&id.to_string(), raft_addr, dksp_addr]),
+            Request::RemoveReplica { id } => encode("REMOVE_REPLICA", &[id.to_string()]),
+            Request::Ping => encode("PING", &none),
+            Request::Status => encode("STATUS", &none),
+            Request::Quit => encode("QUIT", &none),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! Response lines, shared by every DKSP server.
+//!
+//! The request languages differ per process (see [`crate::kv`], [`crate::seq`], [`crate::log`]) but
+//! the reply shapes overlap (`OK`, `PONG`, `ERR`), so one enum holds them all: a client can parse any
+//! line without knowing which server sent it, and a typed client narrows it down.
+
+use bytes::Bytes;
+use std::fmt;
+
+use crate::token;
+
+/// The error codes of `ERR <CODE> <message>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The line does not parse, or a command has the wrong arguments.
+    Syntax,
+    /// The verb is not one this server knows.
+    UnknownCommand,
+    /// `COMMIT`/`ABORT` with no transaction open.
+    NoTxn,
+    /// `BEGIN` inside a transaction.
+    TxnActive,
+    /// A line, key or value over its limit.
+    TooLarge,
+    /// The server cannot serve this now (replaying, no quorum, dependency down); retry later.
+    Unavailable,
+    /// A bug or an unexpected failure on the server's side.
+    Internal,
+    /// `READ` from before the first retained log index; the message is that index.
+    Compacted,
+    /// A checkpoint or other object that does not exist.
+    NotFound,
+    /// A writer that has been fenced off by a newer one.
+    Fenced,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::Syntax,
+        ErrorCode::UnknownCommand,
+        ErrorCode::NoTxn,
+        ErrorCode::TxnActive,
+        ErrorCode::TooLarge,
+        ErrorCode::Unavailable,
+        ErrorCode::Internal,
+        ErrorCode::Compacted,
+        ErrorCode::NotFound,
+        ErrorCode::Fenced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Syntax => "SYNTAX",
+            ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
+            ErrorCode::NoTxn => "NO_TXN",
+            ErrorCode::TxnActive => "TXN_ACTIVE",
+            ErrorCode::TooLarge => "TOO_LARGE",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Internal => "INTERNAL",
+            ErrorCode::Compacted => "COMPACTED",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::Fenced => "FENCED",
+        }
+    }
+
+    pub fn parse(s: &[u8]) -> Option<ErrorCode> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str().as_bytes() == s)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An `ERR` reply: a code for programs and a one-line message for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code} {message}")]
+pub struct ServerError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ServerError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// One response line (or, for `SCAN`/`READ`/`TAIL`, one line of a multi-line answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Response {
+    /// `OK [arg ...]`: success, with optional results (`OK <txid>`, `OK <index>`, `OK k=v ...`).
+    Ok(Vec<Bytes>),
+    Pong,
+    /// `VALUE <value>`
+    Value(Bytes),
+    /// `NIL`: no such key.
+    Nil,
+    /// `KV <key> <value>`: one row of a `SCAN`.
+    Kv(Bytes, Bytes),
+    /// `END`: the end of a `SCAN` or `READ`.
+    End,
+    /// `COMMITTED <commit_ts>`
+    Committed(u64),
+    /// `ABORTED <reason> [detail ...]`, e.g. `ABORTED CONFLICT user:1`.
+    Aborted(Vec<Bytes>),
+    /// `TS <t>` (count = None) or `TS <first> <n>`.
+    Ts {
+        first: u64,
+        count: Option<u64>,
+    },
+    /// `ENTRY <index> <payload>`: one log entry of a `READ` or `TAIL`.
+    Entry(u64, Bytes),
+    /// `REDIRECT <host:port>`: ask the leader instead.
+    Redirect(String),
+    /// `ERR <CODE> <message>`
+    Err(ServerError),
+}
+
+impl Response {
+    pub fn ok() -> Self {
+        Response::Ok(Vec::new())
+    }
+
+    pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response::Err(ServerError::new(code, message))
+    }
+
+    /// `OK key=value ...` as sent by `STATUS`.
+    pub fn status<K: fmt::Display, V: fmt::Display>(pairs: &[(K, V)]) -> Self {
+        Response::Ok(
+            pairs
+                .iter()
+                .map(|(k, v)| Bytes::from(format!("{k}={v}")))
+                .collect(),
+        )
+    }
+
+    /// Writes the line without its terminator.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        fn with_args(out: &mut Vec<u8>, verb: &str, args: &[&[u8]]) {
+            out.extend_from_slice(verb.as_bytes());
+            for a in args {
+                out.push(b' ');
+                token::write_arg(out, a);
+            }
+        }
+        match self {
+            Response::Ok(args) => {
+                let args: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+                with_args(out, "OK", &args)
+            }
+            Response::Pong => out.extend_from_slice(b"PONG"),
+            Response::Value(v) => with_args(out, "VALUE", &[v]),
+            Response::Nil => out.extend_from_slice(b"NIL"),
+            Response::Kv(k, v) => with_args(out, "KV", &[k, v]),
+            Response::End => out.extend_from_slice(b"END"),
+            Response::Committed(ts) => out.extend_from_slice(format!("COMMITTED {ts}").as_bytes()),
+            Response::Aborted(args) => {
+                let args: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+                with_args(out, "ABORTED", &args)
+            }
+            Response::Ts { first, count: None } => {
+                out.extend_from_slice(format!("TS {first}").as_bytes())
+            }
+            Response::Ts {
+                first,
+                count: Some(n),
+            } => out.extend_from_slice(format!("TS {first} {n}").as_bytes()),
+            Response::Entry(index, payload) => {
+                with_args(out, &format!("ENTRY {index}"), &[payload])
+            }
+            Response::Redirect(addr) => with_args(out, "REDIRECT", &[addr.as_bytes()]),
+            Response::Err(e) => {
+                out.extend_from_slice(b"ERR ");
+                out.extend_from_slice(e.code.as_str().as_bytes());
+                if !e.message.is_empty() {
+                    out.push(b' ');
+                    // The message runs to the end of the line, so it must not contain one.
+                    for c in e.message.chars() {
+                        if c.is_control() {
+                            out.push(b' ');
+                        } else {
+                            let mut buf = [0u8; 4];
+                            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn to_line(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Parses one response line (without its terminator).
+    pub fn parse(line: &[u8]) -> Result<Response, String> {
+        if let Some(rest) = line.strip_prefix(b"ERR ") {
+            let (code, message) = match rest.iter().position(|&b| b == b' ') {
+                Some(p) => (&rest[..p], &rest[p + 1..]),
+                None => (rest, &b""[..]),
+            };
+            let code = ErrorCode::parse(code)
+                .ok_or_else(|| format!("unknown error code {}", token::display(code)))?;
+            return Ok(Response::err(
+                code,
+                String::from_utf8_lossy(message).into_owned(),
+            ));
+        }
+        let mut args = token::split(line).map_err(|e| e.0)?.into_iter();
+        let verb = args.next().ok_or("empty response line")?;
+        let rest: Vec<Bytes> = args.collect();
+        let want = |n: usize| -> Result<(), String> {
+            if rest.len() == n {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} takes {n} arguments, got {}",
+                    String::from_utf8_lossy(&verb),
+                    rest.len()
+                ))
+            }
+        };
+        Ok(match &verb[..] {
+            b"OK" => Response::Ok(rest),
+            b"PONG" => {
+                want(0)?;
+                Response::Pong
+            }
+            b"VALUE" => {
+                want(1)?;
+                Response::Value(rest[0].clone())
+            }
+            b"NIL" => {
+                want(0)?;
+                Response::Nil
+            }
+            b"KV" => {
+                want(2)?;
+                Response::Kv(rest[0].clone(), rest[1].clone())
+            }
+            b"END" => {
+                want(0)?;
+                Response::End
+            }
+            b"COMMITTED" => {
+                want(1)?;
+                Response::Committed(parse_u64(&rest[0])?)
+            }
+            b"ABORTED" => Response::Aborted(rest),
+            b"TS" if rest.len() == 1 => Response::Ts {
+                first: parse_u64(&rest[0])?,
+                count: None,
+            },
+            b"TS" => {
+                want(2)?;
+                Response::Ts {
+                    first: parse_u64(&rest[0])?,
+                    count: Some(parse_u64(&rest[1])?),
+                }
+            }
+            b"ENTRY" => {
+                want(2)?;
+                Response::Entry(parse_u64(&rest[0])?, rest[1].clone())
+            }
+            b"REDIRECT" => {
+                want(1)?;
+                Response::Redirect(String::from_utf8_lossy(&rest[0]).into_owned())
+            }
+            other => return Err(format!("unknown response {}", token::display(other))),
+        })
+    }
+}
+
+/// Strict decimal u64: digits only, no sign, no overflow.
+pub fn parse_u64(arg: &[u8]) -> Result<u64, String> {
+    if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
+        return Err(format!("{} is not a number", token::display(arg)));
+    }
+    std::str::from_utf8(arg)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("{} is out of range", token::display(arg)))
+}

@@ -1,0 +1,61 @@
+//! The accept loop every DKSP server shares: one task per connection, stopped by a
+//! cancellation token.
+
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::connection::Connection;
+
+/// Accepts connections until `shutdown` fires, running `handle` on each in its own task. Each
+/// handler gets a child token that fires on shutdown, so it can finish its reply and close.
+pub async fn serve<F, Fut>(
+    listener: TcpListener,
+    max_line: usize,
+    shutdown: CancellationToken,
+    handle: F,
+) where
+    F: Fn(Connection, CancellationToken) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let conn = Connection::new(stream, max_line);
+                    tokio::spawn(handle(conn, shutdown.child_token()));
+                }
+                Err(e) => {
+                    // Usually EMFILE; back off rather than spin, and keep serving.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, for binaries' graceful shutdown.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
