@@ -1,1 +1,199 @@
-//! Placeholder until its issue lands.
+//! The harness for tests that run the real binaries: find them, start them on free ports in
+//! temp dirs, wait until they answer `PING`, and kill them (SIGKILL, like a crash) when a test
+//! ends, also when it fails.
+//!
+//! The binaries must be built first: `make test` runs `cargo build --workspace --bins` before
+//! the tests. A missing binary fails the test with that instruction.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test's target directory.
+pub fn bin(name: &str) -> PathBuf {
+    // Tests run from target/<profile>/deps/<test>-<hash>.
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build the binaries first with `cargo build --workspace --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago. Binding :0 and closing leaves a tiny race with
+/// other processes, which retrying the whole test would hide; in practice the kernel does not
+/// hand the same ephemeral port out again at once.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral port")
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A child process that is SIGKILLed when dropped. Its stderr goes to `<log>`.
+pub struct Proc {
+    child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(binary: &str, args: &[String], log: &Path) -> Proc {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("opening log file");
+        let child = Command::new(bin(binary))
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {binary}: {e}"));
+        Proc {
+            child: Some(child),
+            name: binary.to_string(),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL and reap: a crash, not a graceful stop.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the process to exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        c.wait().ok()
+    }
+
+    /// Waits for the process to exit by itself (e.g. refusing to start).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let c = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// The last lines of the log, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `PING` until the server answers `PONG` (readiness, not a sleep), or fails after
+/// `timeout` with the process's log.
+pub async fn wait_ready(addr: SocketAddr, proc_: &mut Proc, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(addr)).await
+        {
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), c.ping()).await {
+                return;
+            }
+        }
+        if !proc_.running() {
+            panic!(
+                "{} exited before answering PING; log:\n{}",
+                proc_.name,
+                proc_.log_tail(30)
+            );
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "{} did not answer PING on {addr} within {timeout:?}; log:\n{}",
+                proc_.name,
+                proc_.log_tail(30)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A sequencer on a free port in its own data dir.
+pub struct Sequencer {
+    pub proc_: Proc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Sequencer {
+    pub async fn start(data_dir: &Path, extra: &[&str]) -> Sequencer {
+        let addr = local(free_port());
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let proc_ = Self::spawn(addr, data_dir, &extra);
+        let mut s = Sequencer {
+            proc_,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+            extra,
+        };
+        wait_ready(s.addr, &mut s.proc_, Duration::from_secs(20)).await;
+        s
+    }
+
+    fn spawn(addr: SocketAddr, data_dir: &Path, extra: &[String]) -> Proc {
+        let mut args = vec![
+            "--listen".to_string(),
+            addr.to_string(),
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().cloned());
+        Proc::spawn("sequencer", &args, &data_dir.join("sequencer.log"))
+    }
+
+    /// kill -9, then start again on the same port and data dir and wait until ready.
+    pub async fn crash_and_restart(&mut self) {
+        self.proc_.kill9();
+        self.proc_ = Self::spawn(self.addr, &self.data_dir, &self.extra);
+        wait_ready(self.addr, &mut self.proc_, Duration::from_secs(20)).await;
+    }
+}

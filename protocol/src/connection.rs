@@ -39,6 +39,11 @@ impl Connection {
         }
     }
 
+    /// The request-line limit this connection enforces.
+    pub fn max_line(&self) -> usize {
+        self.codec.max_line()
+    }
+
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.peer_addr().ok()
     }

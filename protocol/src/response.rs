@@ -133,6 +133,14 @@ impl Response {
         Response::Err(ServerError::new(code, message))
     }
 
+    /// The reply to a line over the limit (the server has skipped to the next newline).
+    pub fn too_large(max_line: usize) -> Self {
+        Response::err(
+            ErrorCode::TooLarge,
+            format!("line exceeds {max_line} bytes; skipped to the next newline"),
+        )
+    }
+
     /// `OK key=value ...` as sent by `STATUS`.
     pub fn status<K: fmt::Display, V: fmt::Display>(pairs: &[(K, V)]) -> Self {
         Response::Ok(

@@ -1,0 +1,38 @@
+# The two commands that matter: `make run` (start the whole system) and `make test`.
+.PHONY: run stop status cluster build test lint bench-seq clean
+
+DATA ?= ./data
+
+build:
+	cargo build --release --workspace --bins
+
+## Build in release and start everything on the default ports, data under ./data.
+run: build
+	DATA=$(DATA) scripts/dtkv.sh start
+
+## Stop exactly the processes `make run` started (pid files under ./data/pids).
+stop:
+	DATA=$(DATA) scripts/dtkv.sh stop
+
+status:
+	DATA=$(DATA) scripts/dtkv.sh status
+
+## Only the three logserver replicas.
+cluster: build
+	DATA=$(DATA) scripts/dtkv.sh start 'log-*'
+	DATA=$(DATA) scripts/dtkv.sh status 'log-*'
+
+## Every test: unit, data-driven, property and the multi-process tests in cluster-tests.
+test:
+	cargo build --workspace --bins
+	cargo test --workspace
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+bench-seq:
+	cargo bench -p sequencer
+
+clean: stop
+	rm -rf $(DATA)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Starts, stops and shows the local dtkv system: three logserver replicas, the sequencer and
+# the kvstore, on their default ports, with data, logs and pid files under $DATA (./data).
+# Used by `make run`, `make stop`, `make status` and `make cluster`.
+set -euo pipefail
+
+DATA=${DATA:-./data}
+BIN=${BIN:-./target/release}
+mkdir -p "$DATA/logs" "$DATA/pids"
+
+# name port binary args...   (a service whose binary does not exist yet is skipped)
+services() {
+  cat <<SERVICES
+log-1 10002 logserver --id 1 --listen 127.0.0.1:10002 --raft-listen 127.0.0.1:10003 --data-dir $DATA/log-1 --peers 1=127.0.0.1:10003/127.0.0.1:10002,2=127.0.0.1:10013/127.0.0.1:10012,3=127.0.0.1:10023/127.0.0.1:10022
+log-2 10012 logserver --id 2 --listen 127.0.0.1:10012 --raft-listen 127.0.0.1:10013 --data-dir $DATA/log-2 --peers 1=127.0.0.1:10003/127.0.0.1:10002,2=127.0.0.1:10013/127.0.0.1:10012,3=127.0.0.1:10023/127.0.0.1:10022
+log-3 10022 logserver --id 3 --listen 127.0.0.1:10022 --raft-listen 127.0.0.1:10023 --data-dir $DATA/log-3 --peers 1=127.0.0.1:10003/127.0.0.1:10002,2=127.0.0.1:10013/127.0.0.1:10012,3=127.0.0.1:10023/127.0.0.1:10022
+sequencer 10001 sequencer --listen 127.0.0.1:10001 --data-dir $DATA/sequencer
+kvstore 10000 kvstore --listen 127.0.0.1:10000 --sequencer 127.0.0.1:10001 --log 127.0.0.1:10002,127.0.0.1:10012,127.0.0.1:10022
+SERVICES
+}
+
+running() { [ -f "$DATA/pids/$1.pid" ] && kill -0 "$(cat "$DATA/pids/$1.pid")" 2>/dev/null; }
+
+# Sends one request line and prints the reply line (empty if the server does not answer).
+ask() { printf '%s\n' "$2" | timeout 2 "$BIN/dksp" "127.0.0.1:$1" 2>/dev/null | head -n 1 || true; }
+
+start() {
+  local filter=${1:-}
+  services | while read -r name port binary args; do
+    [[ -n "$filter" && "$name" != $filter ]] && continue
+    if [ ! -x "$BIN/$binary" ]; then
+      echo "skip   $name: $BIN/$binary is not built (its issue has not landed yet)"
+      continue
+    fi
+    if running "$name"; then
+      echo "up     $name (pid $(cat "$DATA/pids/$name.pid")) already"
+      continue
+    fi
+    # shellcheck disable=SC2086
+    nohup "$BIN/$binary" $args >>"$DATA/logs/$name.log" 2>&1 &
+    echo $! >"$DATA/pids/$name.pid"
+    for _ in $(seq 1 100); do
+      [ "$(ask "$port" PING)" = "PONG" ] && break
+      if ! running "$name"; then
+        echo "FAILED $name exited; last lines of $DATA/logs/$name.log:" >&2
+        tail -n 20 "$DATA/logs/$name.log" >&2
+        exit 1
+      fi
+      sleep 0.1
+    done
+    if [ "$(ask "$port" PING)" != "PONG" ]; then
+      echo "FAILED $name does not answer PING on port $port; see $DATA/logs/$name.log" >&2
+      exit 1
+    fi
+    echo "up     $name on 127.0.0.1:$port (pid $(cat "$DATA/pids/$name.pid")), log $DATA/logs/$name.log"
+  done
+}
+
+stop() {
+  local filter=${1:-}
+  services | tac | while read -r name _; do
+    [[ -n "$filter" && "$name" != $filter ]] && continue
+    [ -f "$DATA/pids/$name.pid" ] || continue
+    pid=$(cat "$DATA/pids/$name.pid")
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -TERM "$pid"
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+      echo "stopped $name (pid $pid)"
+    fi
+    rm -f "$DATA/pids/$name.pid"
+  done
+}
+
+status() {
+  local filter=${1:-}
+  services | while read -r name port _; do
+    [[ -n "$filter" && "$name" != $filter ]] && continue
+    if running "$name"; then
+      echo "$name pid=$(cat "$DATA/pids/$name.pid") port=$port $(ask "$port" STATUS)"
+    else
+      echo "$name down"
+    fi
+  done
+}
+
+case "${1:-}" in
+  start) start "${2:-}" ;;
+  stop) stop "${2:-}" ;;
+  status) status "${2:-}" ;;
+  *) echo "usage: $0 start|stop|status [service-glob]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,69 @@
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use sequencer::{server, Oracle, StateFile};
+
+/// The dtkv sequencer: strictly increasing transaction timestamps over DKSP.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address to serve DKSP on.
+    #[arg(long, default_value = "127.0.0.1:10001")]
+    listen: String,
+    /// Directory for the reserved-mark file.
+    #[arg(long, default_value = "data/sequencer")]
+    data_dir: PathBuf,
+    /// Timestamps reserved per fsync; a crash skips at most this many.
+    #[arg(long, default_value_t = 1_000_000)]
+    window: u64,
+    /// Longest request line accepted, in bytes.
+    #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
+    max_line: usize,
+    /// Write this reserved mark and exit (recovery from a corrupt state file). Refused if a
+    /// readable mark is higher.
+    #[arg(long)]
+    reset_to: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    protocol::server::init_logging();
+    let args = Args::parse();
+    let state = StateFile::open(&args.data_dir)?;
+    if let Some(mark) = args.reset_to {
+        if let Ok(old) = state.load() {
+            anyhow::ensure!(
+                old <= mark,
+                "refusing to lower the reserved mark from {old} to {mark}"
+            );
+        }
+        state.store(mark)?;
+        println!("reserved mark set to {mark} in {}", state.path().display());
+        return Ok(());
+    }
+    let oracle = Oracle::start(state, args.window)?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(
+        "sequencer listening on {}, data in {}, resuming after {}",
+        listener.local_addr()?,
+        args.data_dir.display(),
+        oracle.current()
+    );
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(protocol::server::serve(
+        listener,
+        args.max_line,
+        shutdown.clone(),
+        move |conn, token| server::handle(conn, oracle.clone(), token),
+    ));
+    protocol::server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = serving.await;
+    Ok(())
+}

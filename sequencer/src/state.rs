@@ -1,0 +1,155 @@
+//! The sequencer's only durable state: the reserved high-water mark.
+//!
+//! No timestamp above the mark is ever handed out, so after a crash the sequencer restarts above
+//! it and cannot reissue anything. The file is 20 bytes: a magic, the mark (u64 LE) and a CRC32C
+//! of both. It is replaced atomically (write a temp file, fsync it, rename over the old one,
+//! fsync the directory), so a crash leaves either the old mark or the new one. A file that fails
+//! its checksum means the mark is unknown; starting anyway could reissue timestamps, so loading
+//! refuses with an error that says what to do.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"DTKVSEQ1";
+const FILE_NAME: &str = "sequencer.state";
+const TMP_NAME: &str = "sequencer.state.tmp";
+const LEN: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is corrupt ({why}); refusing to start, as the last reserved timestamp is unknown \
+         and could be reissued. If you know a safe mark, write it with `sequencer --data-dir DIR \
+         --reset-to N` (N above any timestamp ever issued)"
+    )]
+    Corrupt { path: PathBuf, why: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The state file in one data directory.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    dir: PathBuf,
+}
+
+impl StateFile {
+    /// Creates the directory if needed.
+    pub fn open(dir: &Path) -> Result<StateFile, StateError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        Ok(StateFile {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(FILE_NAME)
+    }
+
+    /// The persisted mark, or 0 for a fresh directory.
+    pub fn load(&self) -> Result<u64, StateError> {
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        decode(&bytes).map_err(|why| StateError::Corrupt { path, why })
+    }
+
+    /// Durably replaces the mark. Blocking: call from a blocking thread.
+    pub fn store(&self, mark: u64) -> Result<(), StateError> {
+        let tmp = self.dir.join(TMP_NAME);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(&encode(mark)).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        drop(f);
+        let path = self.path();
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(&self.dir))
+    }
+}
+
+pub fn encode(mark: u64) -> [u8; LEN] {
+    let mut buf = [0u8; LEN];
+    buf[..8].copy_from_slice(MAGIC);
+    buf[8..16].copy_from_slice(&mark.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[..16]);
+    buf[16..].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+pub fn decode(bytes: &[u8]) -> Result<u64, String> {
+    if bytes.len() != LEN {
+        return Err(format!("{} bytes, expected {LEN}", bytes.len()));
+    }
+    if &bytes[..8] != MAGIC {
+        return Err("bad magic".into());
+    }
+    let mut crc = [0u8; 4];
+    crc.copy_from_slice(&bytes[16..]);
+    if crc32c::crc32c(&bytes[..16]) != u32::from_le_bytes(crc) {
+        return Err("checksum mismatch".into());
+    }
+    let mut mark = [0u8; 8];
+    mark.copy_from_slice(&bytes[8..16]);
+    Ok(u64::from_le_bytes(mark))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip_and_fresh_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateFile::open(dir.path()).unwrap();
+        assert_eq!(s.load().unwrap(), 0);
+        s.store(12345).unwrap();
+        assert_eq!(s.load().unwrap(), 12345);
+        s.store(u64::MAX - 1).unwrap();
+        assert_eq!(s.load().unwrap(), u64::MAX - 1);
+    }
+
+    #[test]
+    fn every_single_bit_flip_is_detected() {
+        let good = encode(987654321);
+        for i in 0..LEN * 8 {
+            let mut bad = good;
+            bad[i / 8] ^= 1 << (i % 8);
+            assert!(decode(&bad).is_err(), "flip of bit {i} not detected");
+        }
+    }
+
+    #[test]
+    fn torn_or_corrupt_file_refuses_to_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateFile::open(dir.path()).unwrap();
+        s.store(500).unwrap();
+        let full = fs::read(s.path()).unwrap();
+        for cut in [0, 1, 8, 19] {
+            fs::write(s.path(), &full[..cut]).unwrap();
+            let err = s.load().unwrap_err();
+            assert!(matches!(err, StateError::Corrupt { .. }), "cut at {cut}: {err}");
+        }
+        // A leftover temp file from a crash between write and rename is ignored.
+        s.store(600).unwrap();
+        fs::write(dir.path().join(TMP_NAME), b"garbage").unwrap();
+        assert_eq!(s.load().unwrap(), 600);
+    }
+}
