@@ -23,8 +23,16 @@ async fn load(addr: std::net::SocketAddr, seed: u64, max_seen: Arc<AtomicU64>) -
     let mut inflight = std::collections::VecDeque::new();
     loop {
         while inflight.len() < depth {
-            let n = if rng.gen_bool(0.3) { rng.gen_range(1..=500) } else { 1 };
-            let line = if n == 1 { "NEXT".to_string() } else { format!("NEXT {n}") };
+            let n = if rng.gen_bool(0.3) {
+                rng.gen_range(1..=500)
+            } else {
+                1
+            };
+            let line = if n == 1 {
+                "NEXT".to_string()
+            } else {
+                format!("NEXT {n}")
+            };
             c.send(line.as_bytes());
             inflight.push_back((n, max_seen.load(Ordering::SeqCst)));
         }
@@ -32,13 +40,18 @@ async fn load(addr: std::net::SocketAddr, seed: u64, max_seen: Arc<AtomicU64>) -
             Ok(r) => r,
             Err(_) => return seen, // killed: replies in flight are unknown
         };
-        let Some((n, floor)) = inflight.pop_front() else { unreachable!() };
+        let Some((n, floor)) = inflight.pop_front() else {
+            unreachable!()
+        };
         let (first, count) = match reply {
             Response::Ts { first, count } => (first, count.unwrap_or(1)),
             other => panic!("unexpected reply {other:?}"),
         };
         assert_eq!(count, n, "block size echoed");
-        assert!(first > floor, "timestamp {first} not above {floor}, seen before it was asked for");
+        assert!(
+            first > floor,
+            "timestamp {first} not above {floor}, seen before it was asked for"
+        );
         max_seen.fetch_max(first + count - 1, Ordering::SeqCst);
         seen.push((first, count));
     }
@@ -69,7 +82,10 @@ async fn fifty_sigkills_under_load_never_reissue_or_go_backwards() {
         for c in clients {
             let stream = c.await.expect("client task panicked");
             for w in stream.windows(2) {
-                assert!(w[1].0 >= w[0].0 + w[0].1, "a connection saw time go backwards: {w:?}");
+                assert!(
+                    w[1].0 >= w[0].0 + w[0].1,
+                    "a connection saw time go backwards: {w:?}"
+                );
             }
             for &(f, n) in &stream {
                 round_min = round_min.min(f);
@@ -87,7 +103,10 @@ async fn fifty_sigkills_under_load_never_reissue_or_go_backwards() {
         seq.crash_and_restart().await;
         let mut c = Client::connect(seq.addr).await.unwrap();
         let current = c.current_ts().await.unwrap();
-        assert!(current >= prev_incarnation_max, "CURRENT {current} below {prev_incarnation_max} after restart");
+        assert!(
+            current >= prev_incarnation_max,
+            "CURRENT {current} below {prev_incarnation_max} after restart"
+        );
     }
     // No timestamp handed out twice, across all incarnations.
     all.sort_unstable();
@@ -95,8 +114,15 @@ async fn fifty_sigkills_under_load_never_reissue_or_go_backwards() {
         assert!(w[1].0 >= w[0].0 + w[0].1, "overlapping grants {w:?}");
     }
     let total: u64 = all.iter().map(|&(_, n)| n).sum();
-    println!("{} replies, {total} timestamps across 50 crashes", all.len());
-    assert!(all.len() > 500, "the load barely ran: {} replies", all.len());
+    println!(
+        "{} replies, {total} timestamps across 50 crashes",
+        all.len()
+    );
+    assert!(
+        all.len() > 500,
+        "the load barely ran: {} replies",
+        all.len()
+    );
 }
 
 #[tokio::test]
@@ -116,7 +142,12 @@ async fn bad_input_gets_err_and_the_connection_keeps_serving() {
     ];
     for (line, code) in cases {
         match c.call(line).await.unwrap() {
-            Response::Err(e) => assert_eq!(e.code.as_str(), code, "for {:?}", String::from_utf8_lossy(&line[..line.len().min(20)])),
+            Response::Err(e) => assert_eq!(
+                e.code.as_str(),
+                code,
+                "for {:?}",
+                String::from_utf8_lossy(&line[..line.len().min(20)])
+            ),
             r => panic!("expected ERR {code}, got {r:?}"),
         }
         // Still usable, and still handing out fresh timestamps.
@@ -193,7 +224,10 @@ async fn corrupt_state_file_refuses_to_start() {
     let status = p.wait_exit(Duration::from_secs(20)).expect("should exit");
     assert!(!status.success());
     let log = std::fs::read_to_string(dir.path().join("refused.log")).unwrap();
-    assert!(log.contains("corrupt") && log.contains("refusing to start"), "log: {log}");
+    assert!(
+        log.contains("corrupt") && log.contains("refusing to start"),
+        "log: {log}"
+    );
 
     // The documented recovery: reset to a mark above anything issued, then start.
     let mut args_reset = args.clone();

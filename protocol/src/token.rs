@@ -103,11 +103,13 @@ fn parse_quoted(line: &[u8], start: usize) -> Result<(Vec<u8>, usize), TokenErro
                         }
                         i += 2;
                     }
-                    other => return Err(TokenError(format!(
+                    other => {
+                        return Err(TokenError(format!(
                         "unknown escape '\\{}' at column {}; valid: \\\\ \\\" \\n \\r \\t \\xHH",
                         char::from(other).escape_default(),
                         i + 1
-                    ))),
+                    )))
+                    }
                 }
                 i += 2;
             }

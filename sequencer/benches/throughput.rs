@@ -20,8 +20,17 @@ struct Row {
     lat_us: Vec<u32>,
 }
 
-async fn drive(addr: SocketAddr, conns: usize, depth: usize, block: u64) -> (u64, u64, Vec<u32>, f64) {
-    let line = if block == 1 { "NEXT".to_string() } else { format!("NEXT {block}") };
+async fn drive(
+    addr: SocketAddr,
+    conns: usize,
+    depth: usize,
+    block: u64,
+) -> (u64, u64, Vec<u32>, f64) {
+    let line = if block == 1 {
+        "NEXT".to_string()
+    } else {
+        format!("NEXT {block}")
+    };
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(SECONDS);
     let tasks: Vec<_> = (0..conns)
@@ -92,7 +101,10 @@ fn main() {
         rt.block_on(async {
             let ready = Instant::now();
             while Client::connect(addr).await.is_err() {
-                assert!(ready.elapsed() < Duration::from_secs(10), "sequencer did not start");
+                assert!(
+                    ready.elapsed() < Duration::from_secs(10),
+                    "sequencer did not start"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let mut rows = Vec::new();
@@ -104,9 +116,16 @@ fn main() {
                 ("64 conns, pipeline 16, NEXT", 64, 16, 1),
                 ("64 conns, pipeline 16, NEXT 100", 64, 16, 100),
             ] {
-                let (requests, timestamps, mut lat_us, elapsed) = drive(addr, conns, depth, block).await;
+                let (requests, timestamps, mut lat_us, elapsed) =
+                    drive(addr, conns, depth, block).await;
                 lat_us.sort_unstable();
-                rows.push(Row { name: name.to_string(), requests, timestamps, elapsed, lat_us });
+                rows.push(Row {
+                    name: name.to_string(),
+                    requests,
+                    timestamps,
+                    elapsed,
+                    lat_us,
+                });
             }
             rows
         })

@@ -107,10 +107,7 @@ impl Oracle {
 
     /// Asks the persist task for a mark covering `extra` more timestamps plus a window.
     fn want(&self, s: &mut Inner, extra: u64) {
-        let goal = s
-            .next
-            .saturating_add(extra)
-            .saturating_add(self.window);
+        let goal = s.next.saturating_add(extra).saturating_add(self.window);
         if goal > s.target {
             s.target = goal;
             self.wanted.notify_one();

@@ -145,7 +145,10 @@ mod tests {
         for cut in [0, 1, 8, 19] {
             fs::write(s.path(), &full[..cut]).unwrap();
             let err = s.load().unwrap_err();
-            assert!(matches!(err, StateError::Corrupt { .. }), "cut at {cut}: {err}");
+            assert!(
+                matches!(err, StateError::Corrupt { .. }),
+                "cut at {cut}: {err}"
+            );
         }
         // A leftover temp file from a crash between write and rename is ignored.
         s.store(600).unwrap();
