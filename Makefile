@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test lint bench-seq clean
+.PHONY: run stop status cluster build test lint bench-seq bench-log clean
 
 DATA ?= ./data
 
@@ -33,6 +33,9 @@ lint:
 
 bench-seq:
 	cargo bench -p sequencer
+
+bench-log: build
+	cargo bench -p cluster-tests --bench logserver
 
 clean: stop
 	rm -rf $(DATA)

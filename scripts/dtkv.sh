@@ -36,6 +36,11 @@ start() {
       echo "up     $name (pid $(cat "$DATA/pids/$name.pid")) already"
       continue
     fi
+    # The log group is initialised once, by replica 1, when no replica has any data yet.
+    # Replicas restarted later (even wiped ones) rejoin without it.
+    if [ "$name" = log-1 ] && ! ls -d "$DATA"/log-*/raft >/dev/null 2>&1; then
+      args="$args --init"
+    fi
     # shellcheck disable=SC2086
     nohup "$BIN/$binary" $args >>"$DATA/logs/$name.log" 2>&1 &
     echo $! >"$DATA/pids/$name.pid"
@@ -54,6 +59,18 @@ start() {
     fi
     echo "up     $name on 127.0.0.1:$port (pid $(cat "$DATA/pids/$name.pid")), log $DATA/logs/$name.log"
   done
+}
+
+# Waits until a logserver replica reports a leader.
+wait_leader() {
+  for _ in $(seq 1 100); do
+    for port in 10002 10012 10022; do
+      case "$(ask "$port" STATUS)" in *" leader=none"*|"") ;; *) return 0 ;; esac
+    done
+    sleep 0.1
+  done
+  echo "no logserver leader after 10 s; see $DATA/logs/log-*.log" >&2
+  return 1
 }
 
 stop() {
@@ -85,7 +102,7 @@ status() {
 }
 
 case "${1:-}" in
-  start) start "${2:-}" ;;
+  start) start "${2:-}" && { [ ! -x "$BIN/logserver" ] || wait_leader; } ;;
   stop) stop "${2:-}" ;;
   status) status "${2:-}" ;;
   *) echo "usage: $0 start|stop|status [service-glob]" >&2; exit 2 ;;

@@ -200,3 +200,190 @@ impl Sequencer {
         wait_ready(self.addr, &mut self.proc_, Duration::from_secs(20)).await;
     }
 }
+
+/// Parses a `STATUS` reply into key/value pairs.
+pub async fn status(addr: SocketAddr) -> Option<std::collections::HashMap<String, String>> {
+    let mut c = tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let pairs = tokio::time::timeout(Duration::from_secs(1), c.status())
+        .await
+        .ok()?
+        .ok()?;
+    Some(pairs.into_iter().collect())
+}
+
+/// Polls `cond` every 20 ms until it holds, or panics with `what` after `timeout`.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !cond().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One logserver replica of a test cluster.
+pub struct Replica {
+    pub id: u64,
+    pub dksp: SocketAddr,
+    pub raft: SocketAddr,
+    pub data_dir: PathBuf,
+    pub proc_: Option<Proc>,
+}
+
+/// Three logserver replicas on free ports in a temp dir.
+pub struct LogCluster {
+    pub dir: tempfile::TempDir,
+    pub replicas: Vec<Replica>,
+    pub extra: Vec<String>,
+}
+
+impl LogCluster {
+    /// Starts three replicas (replica 1 with `--init`) and waits for a leader.
+    pub async fn start(extra: &[&str]) -> LogCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let replicas = (1..=3)
+            .map(|id| Replica {
+                id,
+                dksp: local(free_port()),
+                raft: local(free_port()),
+                data_dir: dir.path().join(format!("log-{id}")),
+                proc_: None,
+            })
+            .collect();
+        let mut c = LogCluster {
+            dir,
+            replicas,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 0..3 {
+            c.spawn(i, i == 0).await;
+        }
+        c.wait_for_leader().await;
+        c
+    }
+
+    pub fn peers(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| format!("{}={}/{}", r.id, r.raft, r.dksp))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.dksp.to_string()).collect()
+    }
+
+    async fn spawn(&mut self, i: usize, init: bool) {
+        let peers = self.peers();
+        let r = &mut self.replicas[i];
+        let mut args = vec![
+            "--id".to_string(),
+            r.id.to_string(),
+            "--listen".into(),
+            r.dksp.to_string(),
+            "--raft-listen".into(),
+            r.raft.to_string(),
+            "--data-dir".into(),
+            r.data_dir.display().to_string(),
+            "--peers".into(),
+            peers,
+        ];
+        if init {
+            args.push("--init".into());
+        }
+        args.extend(self.extra.iter().cloned());
+        std::fs::create_dir_all(&r.data_dir).expect("data dir");
+        let log = self.dir.path().join(format!("log-{}.log", r.id));
+        let mut p = Proc::spawn("logserver", &args, &log);
+        wait_ready(r.dksp, &mut p, Duration::from_secs(20)).await;
+        r.proc_ = Some(p);
+    }
+
+    /// kill -9 replica `i` (0-based).
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].proc_.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts replica `i` again on its ports and data dir (never with --init).
+    pub async fn restart(&mut self, i: usize) {
+        self.kill9(i);
+        self.spawn(i, false).await;
+    }
+
+    /// Deletes replica `i`'s data (it must be stopped).
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.replicas[i].proc_.is_none(), "wipe a stopped replica");
+        let _ = std::fs::remove_dir_all(&self.replicas[i].data_dir);
+    }
+
+    pub async fn status(&self, i: usize) -> Option<std::collections::HashMap<String, String>> {
+        status(self.replicas[i].dksp).await
+    }
+
+    /// The index of the replica that says it is leader, if one does and the live replicas agree.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut leader = None;
+        let mut leader_addr = None;
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.proc_.is_none() {
+                continue;
+            }
+            let s = status(r.dksp).await?;
+            if s.get("role").map(String::as_str) == Some("leader") {
+                leader = Some(i);
+            }
+            let l = s.get("leader").cloned()?;
+            if l == "none" || leader_addr.get_or_insert(l.clone()) != &l {
+                return None;
+            }
+        }
+        leader
+    }
+
+    pub async fn wait_for_leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self.leader().await {
+                return l;
+            }
+            if Instant::now() > deadline {
+                let mut logs = String::new();
+                for r in &self.replicas {
+                    if let Some(p) = &r.proc_ {
+                        logs.push_str(&format!("--- replica {} ---\n{}\n", r.id, p.log_tail(15)));
+                    }
+                }
+                panic!("no leader within 20 s\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until replica `i` has applied logical index `last`.
+    pub async fn wait_applied(&self, i: usize, last: u64) {
+        let addr = self.replicas[i].dksp;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("replica {} to apply index {last}", i + 1),
+            || async move {
+                status(addr)
+                    .await
+                    .and_then(|s| s.get("last")?.parse::<u64>().ok())
+                    .is_some_and(|l| l >= last)
+            },
+        )
+        .await;
+    }
+}

@@ -1,1 +1,13 @@
-//! Placeholder until its issue lands.
+//! The logserver: dtkv's durable write-ahead log, three replicas kept in agreement by openraft.
+//!
+//! - [`types`]: the Raft type configuration; a Raft entry is a batch of client operations.
+//! - [`log_store`]: our segmented, checksummed log on disk (openraft's `RaftLogStorage`).
+//! - [`state_machine`]: the applied log as clients see it: logical indices, exactly-once
+//!   dedupe, checkpoints and compaction (openraft's `RaftStateMachine`).
+//! - [`network`]: Raft RPCs between replicas, postcard frames over TCP.
+//! - [`server`]: DKSP for clients, with group commit of concurrent `APPEND`s.
+pub mod log_store;
+pub mod network;
+pub mod server;
+pub mod state_machine;
+pub mod types;

@@ -106,7 +106,12 @@ impl Client {
 
     /// `STATUS` as key/value pairs.
     pub async fn status(&mut self) -> Result<Vec<(String, String)>> {
-        match self.call_ok(b"STATUS").await? {
+        self.pairs(b"STATUS").await
+    }
+
+    /// Any request answered `OK key=value ...` (`STATUS`, `CKPT_INFO`), as pairs.
+    pub async fn pairs(&mut self, line: &[u8]) -> Result<Vec<(String, String)>> {
+        match self.call_ok(line).await? {
             Response::Ok(args) => Ok(args
                 .iter()
                 .map(|a| {

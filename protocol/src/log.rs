@@ -3,7 +3,7 @@
 use bytes::Bytes;
 
 use crate::cmd::{encode, Cmd};
-use crate::response::ServerError;
+use crate::response::{ErrorCode, ServerError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -29,6 +29,27 @@ pub enum Request {
     },
     RemoveReplica {
         id: u64,
+    },
+    /// Stage `data` at `offset` of checkpoint upload `id` (offset 0 starts a new upload).
+    CkptPut {
+        id: u64,
+        offset: u64,
+        data: Bytes,
+    },
+    /// Make upload `id` (`len` bytes, CRC32C `crc`) the checkpoint as of logical index `index`.
+    CkptCommit {
+        id: u64,
+        index: u64,
+        len: u64,
+        crc: u32,
+    },
+    /// The current checkpoint's id, index, length and CRC.
+    CkptInfo,
+    /// Up to `max` bytes of checkpoint `id` from `offset`.
+    CkptRead {
+        id: u64,
+        offset: u64,
+        max: u64,
     },
     Ping,
     Status,
@@ -81,6 +102,35 @@ impl Request {
                     id: c.u64(0, "id")?,
                 }
             }
+            "CKPT_PUT" => {
+                c.arity(3, 3, "CKPT_PUT <id> <offset> <data>")?;
+                Request::CkptPut {
+                    id: c.u64(0, "id")?,
+                    offset: c.u64(1, "offset")?,
+                    data: c.args[2].clone(),
+                }
+            }
+            "CKPT_COMMIT" => {
+                c.arity(4, 4, "CKPT_COMMIT <id> <index> <len> <crc32c>")?;
+                let crc = c.u64(3, "crc32c")?;
+                Request::CkptCommit {
+                    id: c.u64(0, "id")?,
+                    index: c.u64(1, "index")?,
+                    len: c.u64(2, "len")?,
+                    crc: u32::try_from(crc).map_err(|_| {
+                        ServerError::new(ErrorCode::Syntax, "crc32c: must fit in 32 bits")
+                    })?,
+                }
+            }
+            "CKPT_INFO" => c.arity(0, 0, "CKPT_INFO").map(|_| Request::CkptInfo)?,
+            "CKPT_READ" => {
+                c.arity(3, 3, "CKPT_READ <id> <offset> <max>")?;
+                Request::CkptRead {
+                    id: c.u64(0, "id")?,
+                    offset: c.u64(1, "offset")?,
+                    max: c.u64(2, "max")?,
+                }
+            }
             "PING" => c.arity(0, 0, "PING").map(|_| Request::Ping)?,
             "STATUS" => c.arity(0, 0, "STATUS").map(|_| Request::Status)?,
             "QUIT" => c.arity(0, 0, "QUIT").map(|_| Request::Quit)?,
@@ -115,6 +165,33 @@ impl Request {
                 dksp_addr,
             } => encode("ADD_REPLICA", &[&id.to_string(), raft_addr, dksp_addr]),
             Request::RemoveReplica { id } => encode("REMOVE_REPLICA", &[id.to_string()]),
+            Request::CkptPut { id, offset, data } => encode(
+                "CKPT_PUT",
+                &[
+                    id.to_string().as_bytes(),
+                    offset.to_string().as_bytes(),
+                    data,
+                ],
+            ),
+            Request::CkptCommit {
+                id,
+                index,
+                len,
+                crc,
+            } => encode(
+                "CKPT_COMMIT",
+                &[
+                    id.to_string(),
+                    index.to_string(),
+                    len.to_string(),
+                    crc.to_string(),
+                ],
+            ),
+            Request::CkptInfo => encode("CKPT_INFO", &none),
+            Request::CkptRead { id, offset, max } => encode(
+                "CKPT_READ",
+                &[id.to_string(), offset.to_string(), max.to_string()],
+            ),
             Request::Ping => encode("PING", &none),
             Request::Status => encode("STATUS", &none),
             Request::Quit => encode("QUIT", &none),

@@ -32,10 +32,12 @@ pub enum ErrorCode {
     NotFound,
     /// A writer that has been fenced off by a newer one.
     Fenced,
+    /// A well-formed request the current state refuses (e.g. a checkpoint chunk out of order).
+    Rejected,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::Syntax,
         ErrorCode::UnknownCommand,
         ErrorCode::NoTxn,
@@ -46,6 +48,7 @@ impl ErrorCode {
         ErrorCode::Compacted,
         ErrorCode::NotFound,
         ErrorCode::Fenced,
+        ErrorCode::Rejected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl ErrorCode {
             ErrorCode::Compacted => "COMPACTED",
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Fenced => "FENCED",
+            ErrorCode::Rejected => "REJECTED",
         }
     }
 

@@ -1,0 +1,664 @@
+//! The Raft log on disk: append-only segment files of checksummed records.
+//!
+//! A record is `[len u32 LE][crc32c u32 LE][postcard bytes of one Raft entry]`. Segments are named
+//! `seg-<first index>.log` and rotated at [`SEGMENT_BYTES`], so purging drops whole files and a
+//! truncation rewrites at most one. Every entry that has not been purged is also kept in memory
+//! (with its location on disk), so reads never touch the disk; the log is bounded by the snapshot
+//! policy, which purges what a snapshot covers.
+//!
+//! Durability, as openraft's storage contract asks:
+//! - `append` writes the records under the lock, then fdatasyncs *outside* it (so replication
+//!   can read the new entries meanwhile) and only then reports the entries flushed;
+//! - the vote and the last purged log id are small files replaced atomically (temp, fsync,
+//!   rename, fsync directory) before the call returns;
+//! - the purged id is persisted before any segment is deleted, since after a full purge it is
+//!   the only record of the last log id.
+//!
+//! On open, each segment is scanned. A torn or corrupt *final* record (a crash mid-write) is
+//! truncated away and logged; the other replicas still have it if it was ever acknowledged. A
+//! bad record anywhere else is a hard error: skipping it would silently lose committed entries.
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader, StorageIOError};
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::ops::RangeBounds;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+/// A segment is closed and a new one started once it is this large.
+pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+const HEADER: usize = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogStoreError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "{path}: corrupt record at byte {offset} ({why}) with valid data after it; refusing to \
+         start rather than lose committed entries. Move this replica's data directory away and \
+         restart it empty to rebuild it from the other replicas"
+    )]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+    },
+    #[error("{path}: {why}")]
+    Invalid { path: PathBuf, why: String },
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogStoreError + '_ {
+    move |source| LogStoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    /// First index of the segment holding the record.
+    segment: u64,
+    /// Byte offset of the record in that segment.
+    offset: u64,
+}
+
+struct Segment {
+    path: PathBuf,
+    len: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    entries: BTreeMap<u64, (Entry, Loc)>,
+    /// By first index. The last one is the one appended to.
+    segments: BTreeMap<u64, Segment>,
+    /// The last segment, open for appending.
+    active: Option<(u64, Arc<File>)>,
+    last_purged: Option<LogId>,
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    committed_file: Option<File>,
+}
+
+/// The log store. Clones share one log (openraft's log reader is a clone).
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl LogStore {
+    /// Opens (creating if needed) the log in `dir`, recovering from a torn tail.
+    pub fn open(dir: &Path) -> Result<LogStore, LogStoreError> {
+        fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let vote = read_small(&dir.join("vote"))?;
+        let last_purged: Option<LogId> = read_small(&dir.join("purged"))?;
+        // The committed id is only a hint (see save_committed): unreadable means unknown.
+        let mut committed: Option<LogId> = read_small::<Option<LogId>>(&dir.join("committed"))
+            .unwrap_or(None)
+            .flatten();
+
+        let mut firsts = Vec::new();
+        for item in fs::read_dir(dir).map_err(io_at(dir))? {
+            let item = item.map_err(io_at(dir))?;
+            let name = item.file_name();
+            let name = name.to_string_lossy();
+            if let Some(first) = name
+                .strip_prefix("seg-")
+                .and_then(|s| s.strip_suffix(".log"))
+                .and_then(|s| s.parse::<u64>().ok())
+            {
+                firsts.push(first);
+            }
+        }
+        firsts.sort_unstable();
+
+        let mut entries = BTreeMap::new();
+        let mut segments = BTreeMap::new();
+        let mut truncated_tail = false;
+        for (i, &first) in firsts.iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let is_last = i + 1 == firsts.len();
+            let Scanned { records, len, torn } = scan_segment(&path, is_last)?;
+            truncated_tail |= torn;
+            for (offset, entry) in records {
+                let index = entry.log_id.index;
+                if last_purged.is_some_and(|p| index <= p.index) {
+                    continue;
+                }
+                if let Some((&prev, _)) = entries.last_key_value() {
+                    if index != prev + 1 {
+                        return Err(LogStoreError::Invalid {
+                            path,
+                            why: format!(
+                                "entry {index} follows entry {prev}: a segment is missing or \
+                                 out of order"
+                            ),
+                        });
+                    }
+                }
+                entries.insert(
+                    index,
+                    (
+                        entry,
+                        Loc {
+                            segment: first,
+                            offset,
+                        },
+                    ),
+                );
+            }
+            segments.insert(first, Segment { path, len });
+        }
+
+        let last_index = entries.keys().next_back().copied();
+        if truncated_tail
+            || committed
+                .map(|c| Some(c.index) > last_index)
+                .unwrap_or(false)
+        {
+            // The committed hint may name an entry we just cut off; the leader will tell us again.
+            committed = None;
+        }
+        let active = match segments.iter().next_back() {
+            Some((&first, seg)) => Some((
+                first,
+                Arc::new(
+                    OpenOptions::new()
+                        .append(true)
+                        .open(&seg.path)
+                        .map_err(io_at(&seg.path))?,
+                ),
+            )),
+            None => None,
+        };
+        let committed_path = dir.join("committed");
+        let committed_file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&committed_path)
+            .map_err(io_at(&committed_path))?;
+        tracing::info!(
+            "log store {}: {} entries in {} segments, last purged {:?}",
+            dir.display(),
+            entries.len(),
+            segments.len(),
+            last_purged.map(|p| p.index)
+        );
+        Ok(LogStore {
+            inner: Arc::new(Mutex::new(Inner {
+                dir: dir.to_path_buf(),
+                entries,
+                segments,
+                active,
+                last_purged,
+                vote,
+                committed,
+                committed_file: Some(committed_file),
+            })),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state is only mutated by whole operations; a panic mid-operation would be a bug,
+        // and the on-disk log stays authoritative.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a blocking disk operation on the inner state off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Inner) -> Result<T, io::Error> + Send + 'static,
+        what: impl FnOnce(io::Error) -> StorageError + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let inner = self.inner.clone();
+        match tokio::task::spawn_blocking(move || {
+            let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
+            f(&mut g)
+        })
+        .await
+        {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(what(e)),
+            Err(e) => Err(what(io::Error::other(e.to_string()))),
+        }
+    }
+
+    /// Number of entries held (for tests and STATUS).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True if nothing was ever written: no vote, no entries, nothing purged. Used to decide
+    /// whether `--init` may initialise the group.
+    pub fn is_pristine(&self) -> bool {
+        let g = self.lock();
+        g.vote.is_none() && g.entries.is_empty() && g.last_purged.is_none()
+    }
+}
+
+fn segment_name(first: u64) -> String {
+    format!("seg-{first:020}.log")
+}
+
+/// A scanned segment: its records with their offsets, its valid length, and whether a torn
+/// tail was cut off.
+struct Scanned {
+    records: Vec<(u64, Entry)>,
+    len: u64,
+    torn: bool,
+}
+
+/// Reads a segment's records. On a bad record in the last segment that reaches the end of the
+/// file (or is followed only by zeros), truncates the file there and reports `torn = true`.
+fn scan_segment(path: &Path, is_last: bool) -> Result<Scanned, LogStoreError> {
+    let data = fs::read(path).map_err(io_at(path))?;
+    let mut records = Vec::new();
+    let mut off = 0usize;
+    while off < data.len() {
+        let (why, reaches_end) = match parse_record(&data[off..]) {
+            Ok((entry, size)) => {
+                records.push((off as u64, entry));
+                off += size;
+                continue;
+            }
+            Err(bad) => bad,
+        };
+        let rest_is_zero = data[off..].iter().all(|&b| b == 0);
+        if !is_last || !(reaches_end || rest_is_zero) {
+            return Err(LogStoreError::Corrupt {
+                path: path.to_path_buf(),
+                offset: off as u64,
+                why,
+            });
+        }
+        tracing::warn!(
+            "{}: torn or corrupt final record at byte {off} ({why}); truncating {} bytes",
+            path.display(),
+            data.len() - off
+        );
+        let f = OpenOptions::new()
+            .write(true)
+            .open(path)
+            .map_err(io_at(path))?;
+        f.set_len(off as u64).map_err(io_at(path))?;
+        f.sync_all().map_err(io_at(path))?;
+        return Ok(Scanned {
+            records,
+            len: off as u64,
+            torn: true,
+        });
+    }
+    Ok(Scanned {
+        records,
+        len: data.len() as u64,
+        torn: false,
+    })
+}
+
+/// Parses one record at the start of `buf`. On failure: why, and whether the record as its
+/// header describes it reaches the end of the buffer (a torn write looks like that).
+fn parse_record(buf: &[u8]) -> Result<(Entry, usize), (String, bool)> {
+    if buf.len() < HEADER {
+        return Err(("truncated header".into(), true));
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let end = HEADER.saturating_add(len);
+    if end > buf.len() {
+        return Err((format!("record of {len} bytes runs past the end"), true));
+    }
+    let body = &buf[HEADER..end];
+    if crc32c::crc32c(body) != crc {
+        return Err(("checksum mismatch".into(), end == buf.len()));
+    }
+    match postcard::from_bytes::<Entry>(body) {
+        Ok(entry) => Ok((entry, end)),
+        Err(e) => Err((format!("undecodable entry: {e}"), end == buf.len())),
+    }
+}
+
+fn encode_record(out: &mut Vec<u8>, entry: &Entry) -> Result<(), io::Error> {
+    let body = postcard::to_stdvec(entry).map_err(io::Error::other)?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| io::Error::other(format!("entry of {} bytes is too large", body.len())))?;
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(())
+}
+
+/// Reads a small `[len][crc][postcard]` file; missing means `None`, corrupt is an error.
+fn read_small<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, LogStoreError> {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_at(path)(e)),
+    };
+    if data.is_empty() {
+        return Ok(None);
+    }
+    let invalid = |why: &str| LogStoreError::Invalid {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    if data.len() < HEADER {
+        return Err(invalid("truncated"));
+    }
+    let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    let crc = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
+    let body = data
+        .get(HEADER..HEADER + len)
+        .ok_or_else(|| invalid("truncated"))?;
+    if crc32c::crc32c(body) != crc {
+        return Err(invalid("checksum mismatch"));
+    }
+    match postcard::take_from_bytes(body) {
+        Ok((value, [])) => Ok(Some(value)),
+        Ok(_) => Err(invalid("trailing bytes after the value")),
+        Err(e) => Err(invalid(&format!("undecodable: {e}"))),
+    }
+}
+
+fn small_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, io::Error> {
+    let body = postcard::to_stdvec(value).map_err(io::Error::other)?;
+    let mut out = Vec::with_capacity(HEADER + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+/// Atomically and durably replaces a small file.
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), io::Error> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), io::Error> {
+    File::open(dir)?.sync_all()
+}
+
+impl Inner {
+    fn last_index(&self) -> Option<u64> {
+        self.entries.keys().next_back().copied()
+    }
+
+    fn start_segment(&mut self, first: u64) -> Result<Arc<File>, io::Error> {
+        let path = self.dir.join(segment_name(first));
+        let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
+        // The new file's name must be durable before anything in it is acknowledged.
+        sync_dir(&self.dir)?;
+        self.segments.insert(first, Segment { path, len: 0 });
+        self.active = Some((first, file.clone()));
+        Ok(file)
+    }
+
+    /// Removes entries from `index` on, in memory and on disk.
+    fn truncate_from(&mut self, index: u64) -> Result<(), io::Error> {
+        let Some((_, loc)) = self.entries.get(&index).map(|(e, l)| (e.log_id, *l)) else {
+            return Ok(());
+        };
+        self.entries.split_off(&index);
+        let doomed: Vec<u64> = self
+            .segments
+            .range(loc.segment..)
+            .map(|(&f, _)| f)
+            .filter(|&f| f > loc.segment || loc.offset == 0)
+            .collect();
+        for first in &doomed {
+            if let Some(seg) = self.segments.remove(first) {
+                fs::remove_file(&seg.path)?;
+            }
+        }
+        if loc.offset > 0 {
+            if let Some(seg) = self.segments.get_mut(&loc.segment) {
+                let f = OpenOptions::new().write(true).open(&seg.path)?;
+                f.set_len(loc.offset)?;
+                f.sync_all()?;
+                seg.len = loc.offset;
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.reopen_active()
+    }
+
+    fn reopen_active(&mut self) -> Result<(), io::Error> {
+        self.active = match self.segments.iter().next_back() {
+            Some((&first, seg)) => Some((
+                first,
+                Arc::new(OpenOptions::new().append(true).open(&seg.path)?),
+            )),
+            None => None,
+        };
+        Ok(())
+    }
+
+    fn purge_upto(&mut self, log_id: LogId) -> Result<(), io::Error> {
+        if self.last_purged.is_some_and(|p| p.index >= log_id.index) {
+            return Ok(());
+        }
+        write_atomic(&self.dir, "purged", &small_bytes(&log_id)?)?;
+        self.last_purged = Some(log_id);
+        self.entries = self.entries.split_off(&(log_id.index + 1));
+        // A segment can go once every entry in it is purged: when the next segment starts at
+        // or below upto + 1, or (for the last one) when no entry is left at all.
+        let firsts: Vec<u64> = self.segments.keys().copied().collect();
+        let mut removed = false;
+        for (i, &first) in firsts.iter().enumerate() {
+            let fully_purged = match firsts.get(i + 1) {
+                Some(&next) => next <= log_id.index + 1,
+                None => self.entries.is_empty(),
+            };
+            if fully_purged {
+                if let Some(seg) = self.segments.remove(&first) {
+                    fs::remove_file(&seg.path)?;
+                    removed = true;
+                }
+            }
+        }
+        if removed {
+            sync_dir(&self.dir)?;
+            self.reopen_active()?;
+        }
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let g = self.lock();
+        Ok(g.entries
+            .range(range)
+            .map(|(_, (e, _))| e.clone())
+            .collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let g = self.lock();
+        let last = g
+            .entries
+            .values()
+            .next_back()
+            .map(|(e, _)| e.log_id)
+            .or(g.last_purged);
+        Ok(LogState {
+            last_purged_log_id: g.last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let vote = *vote;
+        self.blocking(
+            move |g| {
+                write_atomic(&g.dir, "vote", &small_bytes(&vote)?)?;
+                g.vote = Some(vote);
+                Ok(())
+            },
+            |e| StorageIOError::write_vote(&e).into(),
+        )
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        Ok(self.lock().vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // A hint for faster restarts, not a durability promise: written in place without fsync.
+        // A torn write fails its checksum on open and reads as "unknown".
+        let mut g = self.lock();
+        g.committed = committed;
+        let bytes = small_bytes(&committed)
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        if let Some(f) = &g.committed_file {
+            f.write_at(&bytes, 0).map_err(|e| {
+                StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e)
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let to_sync = {
+            let mut g = self.lock();
+            let mut to_sync: Vec<Arc<File>> = Vec::new();
+            let mut buf = Vec::new();
+            let write_err =
+                |e: io::Error| -> StorageError { StorageIOError::write_logs(&e).into() };
+            for entry in entries {
+                let index = entry.get_log_id().index;
+                let contiguous = match g.last_index() {
+                    Some(last) if index <= last => {
+                        // Overwriting: openraft truncates first, but be safe about it.
+                        flush_buf(&mut g, &mut buf, &mut to_sync).map_err(write_err)?;
+                        g.truncate_from(index).map_err(write_err)?;
+                        g.last_index().is_some_and(|l| l + 1 == index)
+                    }
+                    Some(last) => last + 1 == index,
+                    None => false,
+                };
+                let active_full = g
+                    .active
+                    .as_ref()
+                    .and_then(|(first, _)| g.segments.get(first))
+                    .is_none_or(|s| s.len + buf.len() as u64 >= SEGMENT_BYTES);
+                if !contiguous || active_full {
+                    flush_buf(&mut g, &mut buf, &mut to_sync).map_err(write_err)?;
+                    g.start_segment(index).map_err(write_err)?;
+                }
+                let (seg_first, seg_len) = match g
+                    .active
+                    .as_ref()
+                    .and_then(|(f, _)| Some((*f, g.segments.get(f)?.len)))
+                {
+                    Some(x) => x,
+                    None => return Err(write_err(io::Error::other("no active segment"))),
+                };
+                let offset = seg_len + buf.len() as u64;
+                encode_record(&mut buf, &entry).map_err(write_err)?;
+                g.entries.insert(
+                    index,
+                    (
+                        entry,
+                        Loc {
+                            segment: seg_first,
+                            offset,
+                        },
+                    ),
+                );
+            }
+            flush_buf(&mut g, &mut buf, &mut to_sync).map_err(write_err)?;
+            to_sync
+        };
+        // fdatasync outside the lock, so readers (replication) are not held up by the disk.
+        let synced = tokio::task::spawn_blocking(move || -> io::Result<()> {
+            for f in to_sync {
+                f.sync_data()?;
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
+        callback.log_io_completed(synced);
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.blocking(
+            move |g| g.truncate_from(log_id.index),
+            |e| StorageIOError::write_logs(&e).into(),
+        )
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.blocking(
+            move |g| g.purge_upto(log_id),
+            |e| StorageIOError::write_logs(&e).into(),
+        )
+        .await
+    }
+}
+
+/// Writes buffered records to the active segment; remembers the file for the fsync.
+fn flush_buf(
+    g: &mut Inner,
+    buf: &mut Vec<u8>,
+    to_sync: &mut Vec<Arc<File>>,
+) -> Result<(), io::Error> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let Some((first, file)) = g.active.clone() else {
+        return Err(io::Error::other("no active segment"));
+    };
+    (&*file).write_all(buf)?;
+    if let Some(seg) = g.segments.get_mut(&first) {
+        seg.len += buf.len() as u64;
+    }
+    if !to_sync.iter().any(|f| Arc::ptr_eq(f, &file)) {
+        to_sync.push(file);
+    }
+    buf.clear();
+    Ok(())
+}

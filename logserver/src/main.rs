@@ -1,0 +1,148 @@
+use anyhow::Context;
+use clap::Parser;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use logserver::log_store::LogStore;
+use logserver::server::{parse_peers, Batcher, LogServer};
+use logserver::state_machine::StateMachine;
+use logserver::types::{NodeId, Raft};
+
+/// The dtkv logserver: one replica of the durable write-ahead log, replicated with Raft.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// This replica's id (a member of --peers).
+    #[arg(long)]
+    id: NodeId,
+    /// Address to serve DKSP on.
+    #[arg(long, default_value = "127.0.0.1:10002")]
+    listen: String,
+    /// Address for Raft traffic from the other replicas.
+    #[arg(long, default_value = "127.0.0.1:10003")]
+    raft_listen: String,
+    /// Directory for this replica's log, vote and snapshot.
+    #[arg(long, default_value = "data/log-1")]
+    data_dir: PathBuf,
+    /// The initial group: `id=raft_addr/dksp_addr,...` (used by --init).
+    #[arg(long, default_value = "")]
+    peers: String,
+    /// Initialise the group from --peers if this replica has never held any state. Give it to
+    /// one replica, on the group's first start only; a replica with state ignores it.
+    #[arg(long)]
+    init: bool,
+    /// Leader heartbeat, ms (also the replication RPC timeout).
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Election timeout range, ms: a follower that hears no leader for this long campaigns.
+    #[arg(long, default_value_t = 400)]
+    election_min_ms: u64,
+    #[arg(long, default_value_t = 700)]
+    election_max_ms: u64,
+    /// Take a snapshot after this many Raft entries (besides after every checkpoint).
+    #[arg(long, default_value_t = 20_000)]
+    snapshot_every: u64,
+    /// Raft entries kept after a snapshot, for followers that are slightly behind.
+    #[arg(long, default_value_t = 5_000)]
+    keep_after_snapshot: u64,
+    /// Batches of writes in flight at once (group commit).
+    #[arg(long, default_value_t = 4)]
+    max_inflight: usize,
+    /// Longest request line accepted, in bytes.
+    #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
+    max_line: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    protocol::server::init_logging();
+    let args = Args::parse();
+    let peers = parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
+    let config = openraft::Config {
+        cluster_name: "dtkv-log".into(),
+        heartbeat_interval: args.heartbeat_ms,
+        election_timeout_min: args.election_min_ms,
+        election_timeout_max: args.election_max_ms,
+        install_snapshot_timeout: 10_000,
+        max_payload_entries: 64,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(args.snapshot_every),
+        max_in_snapshot_log_to_keep: args.keep_after_snapshot,
+        purge_batch_size: 256,
+        ..Default::default()
+    }
+    .validate()
+    .context("invalid Raft timing options")?;
+
+    let log = LogStore::open(&args.data_dir.join("raft"))?;
+    let pristine = log.is_pristine();
+    let sm = StateMachine::open(&args.data_dir)
+        .with_context(|| format!("loading the snapshot in {}", args.data_dir.display()))?;
+
+    let dksp = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let raft_listener = TcpListener::bind(&args.raft_listen)
+        .await
+        .with_context(|| format!("binding {}", args.raft_listen))?;
+
+    let raft_addr = raft_listener.local_addr()?;
+    let raft: Raft = Raft::new(
+        args.id,
+        Arc::new(config),
+        logserver::network::Network,
+        log,
+        sm.clone(),
+    )
+    .await
+    .context("starting Raft")?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(logserver::network::serve(
+        raft_listener,
+        raft.clone(),
+        shutdown.clone(),
+    ));
+
+    if args.init {
+        if !pristine {
+            tracing::info!("--init ignored: this replica already has state");
+        } else {
+            anyhow::ensure!(
+                peers.contains_key(&args.id),
+                "--init needs --peers that include this replica's id {}",
+                args.id
+            );
+            match raft.initialize(peers.clone()).await {
+                Ok(()) => tracing::info!("initialised the group with {} replicas", peers.len()),
+                Err(e) => tracing::warn!("initialise: {e}"),
+            }
+        }
+    }
+
+    let srv = Arc::new(LogServer {
+        id: args.id,
+        raft: raft.clone(),
+        sm,
+        batcher: Batcher::start(raft.clone(), args.max_inflight),
+    });
+    tracing::info!(
+        "logserver {} serving DKSP on {}, Raft on {}, data in {}",
+        args.id,
+        dksp.local_addr()?,
+        raft_addr,
+        args.data_dir.display()
+    );
+    let serving = tokio::spawn(protocol::server::serve(
+        dksp,
+        args.max_line,
+        shutdown.clone(),
+        move |conn, token| logserver::server::handle(conn, srv.clone(), token),
+    ));
+    protocol::server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = serving.await;
+    let _ = raft.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,540 @@
+//! DKSP for clients of the log: `APPEND`, `READ`, `TAIL`, checkpoints, membership, `STATUS`.
+//!
+//! Writes go through one [`Batcher`]: every operation that arrives while earlier batches are in
+//! flight joins the next batch, and a batch is one Raft entry, so one fsync on each replica
+//! covers many clients (group commit). Up to `max_inflight` batches are in flight at once so the
+//! leader's fsync of one overlaps the replication of another.
+//!
+//! A connection may pipeline: replies wait in a FIFO and are written in request order as their
+//! batches commit. Reads (`READ`, `TAIL`, `CKPT_INFO`, `CKPT_READ`) are served by any replica
+//! from its applied state, so they see committed entries only; writes on a follower are answered
+//! with `REDIRECT <leader's DKSP address>`.
+
+use bytes::Bytes;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use protocol::log::Request;
+use protocol::{Connection, ErrorCode, Frame, Response};
+
+use crate::state_machine::{ReadError, StateMachine};
+use crate::types::{Batch, Node, NodeId, Op, OpResult, Raft};
+
+/// Entries one `READ` returns at most; read again from the last index + 1 for more.
+pub const READ_MAX: u64 = 10_000;
+/// A batch closes at this many bytes of payload or this many operations.
+const BATCH_BYTES: usize = 4 * 1024 * 1024;
+const BATCH_OPS: usize = 8192;
+/// Requests one connection may have waiting for their replies.
+const MAX_PIPELINE: usize = 4096;
+
+/// How to turn an operation's outcome into a reply line.
+#[derive(Debug, Clone, Copy)]
+enum Render {
+    Append,
+    /// OK with the staged length after this chunk.
+    CkptPut {
+        end: u64,
+    },
+    CkptCommit,
+}
+
+struct Pending {
+    op: Op,
+    render: Render,
+    reply: oneshot::Sender<Response>,
+}
+
+/// Gathers concurrent write operations into Raft entries.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Batcher {
+    pub fn start(raft: Raft, max_inflight: usize) -> Batcher {
+        let (tx, rx) = mpsc::channel(64 * 1024);
+        tokio::spawn(run_batcher(raft, rx, max_inflight.max(1)));
+        Batcher { tx }
+    }
+
+    async fn submit(&self, op: Op, render: Render) -> oneshot::Receiver<Response> {
+        let (reply, rx) = oneshot::channel();
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(Pending { op, render, reply }).await {
+            let _ = p
+                .reply
+                .send(Response::err(ErrorCode::Unavailable, "shutting down"));
+        }
+        rx
+    }
+}
+
+fn op_size(op: &Op) -> usize {
+    match op {
+        Op::Append {
+            client, payload, ..
+        } => client.len() + payload.len() + 16,
+        Op::CkptChunk { data, .. } => data.len() + 16,
+        Op::CkptCommit { .. } => 32,
+    }
+}
+
+async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_inflight: usize) {
+    let slots = Arc::new(Semaphore::new(max_inflight));
+    while let Some(first) = rx.recv().await {
+        // Waiting for a slot is what lets the next batch grow while earlier ones commit.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = op_size(&first.op);
+        let mut batch = vec![first];
+        while bytes < BATCH_BYTES && batch.len() < BATCH_OPS {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += op_size(&p.op);
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            commit_batch(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn commit_batch(raft: &Raft, batch: Vec<Pending>) {
+    let mut ops = Vec::with_capacity(batch.len());
+    let mut waiters = Vec::with_capacity(batch.len());
+    for p in batch {
+        ops.push(p.op);
+        waiters.push((p.render, p.reply));
+    }
+    match raft.client_write(Batch(ops)).await {
+        Ok(resp) => {
+            let results = resp.data.0;
+            let mut checkpointed = false;
+            for (i, (render, reply)) in waiters.into_iter().enumerate() {
+                let r = match results.get(i) {
+                    Some(r) => r.clone(),
+                    None => OpResult::Rejected("internal: missing result".into()),
+                };
+                checkpointed |= matches!((render, &r), (Render::CkptCommit, OpResult::Done));
+                let _ = reply.send(render_result(render, r));
+            }
+            if checkpointed {
+                // The checkpoint shrank the state: snapshot now so the Raft log can be purged.
+                let _ = raft.trigger().snapshot().await;
+            }
+        }
+        Err(e) => {
+            let resp = match e {
+                RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => match f.leader_node {
+                    Some(node) => Response::Redirect(node.dksp_addr),
+                    None => Response::err(ErrorCode::Unavailable, "no leader elected; retry"),
+                },
+                e => Response::err(ErrorCode::Unavailable, e.to_string()),
+            };
+            for (_, reply) in waiters {
+                let _ = reply.send(resp.clone());
+            }
+        }
+    }
+}
+
+fn render_result(render: Render, r: OpResult) -> Response {
+    match (render, r) {
+        (_, OpResult::Rejected(why)) => Response::err(ErrorCode::Rejected, why),
+        (Render::Append, OpResult::Appended(i) | OpResult::Duplicate(i)) => {
+            Response::Ok(vec![Bytes::from(i.to_string())])
+        }
+        (Render::CkptPut { end }, OpResult::Done) => {
+            Response::Ok(vec![Bytes::from(end.to_string())])
+        }
+        (Render::CkptCommit, OpResult::Done) => Response::ok(),
+        (_, other) => Response::err(ErrorCode::Internal, format!("unexpected result {other:?}")),
+    }
+}
+
+/// What a connection handler needs.
+pub struct LogServer {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub sm: StateMachine,
+    pub batcher: Batcher,
+}
+
+impl LogServer {
+    /// `Ok` on the leader; otherwise the reply to give instead (REDIRECT or UNAVAILABLE).
+    fn check_leader(&self) -> Result<(), Response> {
+        let m = self.raft.metrics().borrow().clone();
+        match m.current_leader {
+            Some(l) if l == self.id && m.state == ServerState::Leader => Ok(()),
+            Some(l) => match m.membership_config.membership().get_node(&l) {
+                Some(node) => Err(Response::Redirect(node.dksp_addr.clone())),
+                None => Err(Response::err(
+                    ErrorCode::Unavailable,
+                    format!("leader {l} has no known address"),
+                )),
+            },
+            None => Err(Response::err(
+                ErrorCode::Unavailable,
+                "no leader elected; retry",
+            )),
+        }
+    }
+
+    fn status(&self) -> Response {
+        let m = self.raft.metrics().borrow().clone();
+        let role = match m.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        let leader = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            .map(|n| n.dksp_addr)
+            .unwrap_or_else(|| "none".into());
+        let (first, last, applied) = self.sm.positions();
+        let voters: Vec<String> = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .map(|v| v.to_string())
+            .collect();
+        Response::status(&[
+            ("id", m.id.to_string()),
+            ("role", role.to_string()),
+            ("term", m.current_term.to_string()),
+            ("leader", leader),
+            ("commit", last.to_string()),
+            ("first", first.to_string()),
+            ("last", last.to_string()),
+            ("raft_applied", opt(applied.map(|a| a.index))),
+            ("raft_last", opt(m.last_log_index)),
+            ("snapshot", opt(m.snapshot.map(|s| s.index))),
+            ("purged", opt(m.purged.map(|s| s.index))),
+            ("voters", voters.join(",")),
+        ])
+    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "none".into(), |v| v.to_string())
+}
+
+enum Reply {
+    Ready(Vec<Response>),
+    Waiting(oneshot::Receiver<Response>),
+}
+
+/// Serves one client connection until it closes, sends QUIT, or the server shuts down.
+pub async fn handle(mut conn: Connection, srv: Arc<LogServer>, shutdown: CancellationToken) {
+    let mut pending: VecDeque<Reply> = VecDeque::new();
+    loop {
+        // Write every reply that is ready, in order.
+        while let Some(front) = pending.front_mut() {
+            let lines = match front {
+                Reply::Ready(lines) => std::mem::take(lines),
+                Reply::Waiting(rx) => match rx.try_recv() {
+                    Ok(r) => vec![r],
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        vec![Response::err(ErrorCode::Internal, "write was dropped")]
+                    }
+                },
+            };
+            for l in &lines {
+                conn.write_response(l);
+            }
+            pending.pop_front();
+        }
+        let can_read = pending.len() < MAX_PIPELINE;
+        let idle = !pending.is_empty() && !conn.has_buffered_line();
+        if (idle || !can_read) && conn.flush().await.is_err() {
+            return;
+        }
+        let head_waiting = matches!(pending.front(), Some(Reply::Waiting(_)));
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = wait_head(&mut pending), if head_waiting => continue,
+            frame = conn.read_frame(), if can_read => {
+                let line = match frame {
+                    Ok(Some(Frame::Line(line))) => line,
+                    Ok(Some(Frame::TooLong)) => {
+                        pending.push_back(Reply::Ready(vec![Response::too_large(conn.max_line())]));
+                        continue;
+                    }
+                    Ok(None) | Err(_) => break,
+                };
+                let req = match Request::parse(&line) {
+                    Ok(Some(req)) => req,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        pending.push_back(Reply::Ready(vec![Response::Err(e)]));
+                        continue;
+                    }
+                };
+                match req {
+                    Request::Tail { from } => {
+                        // Answer everything before, then stream until the client goes away.
+                        if drain(&mut conn, &mut pending).await.is_err() {
+                            return;
+                        }
+                        tail(&mut conn, &srv, from, &shutdown).await;
+                        return;
+                    }
+                    Request::Quit => {
+                        if drain(&mut conn, &mut pending).await.is_err() {
+                            return;
+                        }
+                        conn.write_response(&Response::ok());
+                        break;
+                    }
+                    req => pending.push_back(dispatch(&srv, req).await),
+                }
+            }
+        }
+    }
+    let _ = drain(&mut conn, &mut pending).await;
+    let _ = conn.shutdown().await;
+}
+
+/// Resolves when the head of the FIFO has its reply (the loop then writes it).
+async fn wait_head(pending: &mut VecDeque<Reply>) {
+    if let Some(Reply::Waiting(rx)) = pending.front_mut() {
+        let r = match rx.await {
+            Ok(r) => r,
+            Err(_) => Response::err(ErrorCode::Internal, "write was dropped"),
+        };
+        pending[0] = Reply::Ready(vec![r]);
+    }
+}
+
+/// Waits for and writes every pending reply.
+async fn drain(conn: &mut Connection, pending: &mut VecDeque<Reply>) -> std::io::Result<()> {
+    while let Some(reply) = pending.pop_front() {
+        match reply {
+            Reply::Ready(lines) => lines.iter().for_each(|l| conn.write_response(l)),
+            Reply::Waiting(rx) => conn.write_response(
+                &rx.await
+                    .unwrap_or_else(|_| Response::err(ErrorCode::Internal, "write was dropped")),
+            ),
+        }
+    }
+    conn.flush().await
+}
+
+async fn dispatch(srv: &LogServer, req: Request) -> Reply {
+    let ready = |r: Response| Reply::Ready(vec![r]);
+    match req {
+        Request::Append {
+            client,
+            seq,
+            payload,
+        } => {
+            if let Err(r) = srv.check_leader() {
+                return ready(r);
+            }
+            // A retry of an append that already committed: answer without touching Raft. (A
+            // retry racing its original is caught when the batch is applied.)
+            if let Some(index) = srv.sm.lookup(&client, seq) {
+                return ready(Response::Ok(vec![Bytes::from(index.to_string())]));
+            }
+            let op = Op::Append {
+                client,
+                seq,
+                payload,
+            };
+            Reply::Waiting(srv.batcher.submit(op, Render::Append).await)
+        }
+        Request::Read { from, max } => {
+            let max = max.unwrap_or(READ_MAX).min(READ_MAX) as usize;
+            match srv.sm.read(from, max) {
+                Ok(entries) => {
+                    let mut lines: Vec<Response> = entries
+                        .into_iter()
+                        .map(|(i, p)| Response::Entry(i, p))
+                        .collect();
+                    lines.push(Response::End);
+                    Reply::Ready(lines)
+                }
+                Err(ReadError::Compacted(first)) => {
+                    ready(Response::err(ErrorCode::Compacted, first.to_string()))
+                }
+            }
+        }
+        Request::CkptPut { id, offset, data } => {
+            if let Err(r) = srv.check_leader() {
+                return ready(r);
+            }
+            let end = offset + data.len() as u64;
+            let op = Op::CkptChunk { id, offset, data };
+            Reply::Waiting(srv.batcher.submit(op, Render::CkptPut { end }).await)
+        }
+        Request::CkptCommit {
+            id,
+            index,
+            len,
+            crc,
+        } => {
+            if let Err(r) = srv.check_leader() {
+                return ready(r);
+            }
+            let op = Op::CkptCommit {
+                id,
+                index,
+                len,
+                crc,
+            };
+            Reply::Waiting(srv.batcher.submit(op, Render::CkptCommit).await)
+        }
+        Request::CkptInfo => match srv.sm.checkpoint_info() {
+            Some((id, index, len, crc)) => ready(Response::status(&[
+                ("id", id.to_string()),
+                ("index", index.to_string()),
+                ("len", len.to_string()),
+                ("crc", crc.to_string()),
+            ])),
+            None => ready(Response::err(ErrorCode::NotFound, "no checkpoint yet")),
+        },
+        Request::CkptRead { id, offset, max } => {
+            let max = max.min(protocol::DEFAULT_MAX_LINE as u64 / 4) as usize;
+            match srv.sm.checkpoint_read(id, offset, max) {
+                Some(chunk) => ready(Response::Value(chunk)),
+                None => ready(Response::err(
+                    ErrorCode::NotFound,
+                    format!("checkpoint {id} is not the current one"),
+                )),
+            }
+        }
+        Request::AddReplica {
+            id,
+            raft_addr,
+            dksp_addr,
+        } => {
+            if let Err(r) = srv.check_leader() {
+                return ready(r);
+            }
+            let raft = srv.raft.clone();
+            let node = Node {
+                raft_addr,
+                dksp_addr,
+            };
+            spawn_reply(async move {
+                raft.add_learner(id, node, true)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                raft.change_membership(
+                    openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                    false,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        }
+        Request::RemoveReplica { id } => {
+            if let Err(r) = srv.check_leader() {
+                return ready(r);
+            }
+            let raft = srv.raft.clone();
+            spawn_reply(async move {
+                raft.change_membership(
+                    openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                    false,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                Ok(())
+            })
+        }
+        Request::Ping => ready(Response::Pong),
+        Request::Status => ready(srv.status()),
+        Request::Tail { .. } | Request::Quit => ready(Response::err(
+            ErrorCode::Internal,
+            "handled by the connection loop",
+        )),
+    }
+}
+
+/// Runs a membership change in its own task; the reply is `OK` or `ERR UNAVAILABLE <why>`.
+fn spawn_reply(f: impl std::future::Future<Output = Result<(), String>> + Send + 'static) -> Reply {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let r = match f.await {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::err(ErrorCode::Unavailable, e),
+        };
+        let _ = tx.send(r);
+    });
+    Reply::Waiting(rx)
+}
+
+/// Streams committed entries from `from` as they are applied, until the client closes.
+async fn tail(conn: &mut Connection, srv: &LogServer, from: u64, shutdown: &CancellationToken) {
+    let mut applied = srv.sm.subscribe();
+    let mut cursor = from.max(1);
+    loop {
+        match srv.sm.read(cursor, 1024) {
+            Err(ReadError::Compacted(first)) => {
+                conn.write_response(&Response::err(ErrorCode::Compacted, first.to_string()));
+                let _ = conn.flush().await;
+                return;
+            }
+            Ok(entries) if !entries.is_empty() => {
+                for (i, p) in entries {
+                    conn.write_response(&Response::Entry(i, p));
+                    cursor = i + 1;
+                }
+                if conn.flush().await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(_) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = applied.changed() => if changed.is_err() { return },
+            frame = conn.read_frame() => match frame {
+                // Input while tailing is ignored; the stream ends when the client closes.
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            },
+        }
+    }
+}
+
+/// Parses `--peers 1=raft/dksp,2=raft/dksp,...`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, Node>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (id, addrs) = part
+            .split_once('=')
+            .ok_or_else(|| format!("peer {part:?} is not id=raft_addr/dksp_addr"))?;
+        let (raft_addr, dksp_addr) = addrs
+            .split_once('/')
+            .ok_or_else(|| format!("peer {part:?} is not id=raft_addr/dksp_addr"))?;
+        let id: NodeId = id
+            .parse()
+            .map_err(|_| format!("peer id {id:?} is not a number"))?;
+        peers.insert(
+            id,
+            Node {
+                raft_addr: raft_addr.to_string(),
+                dksp_addr: dksp_addr.to_string(),
+            },
+        );
+    }
+    Ok(peers)
+}

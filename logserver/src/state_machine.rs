@@ -1,0 +1,485 @@
+//! The applied log, as clients see it.
+//!
+//! Applying a Raft entry runs its batch of operations in order, deterministically on every
+//! replica:
+//! - `Append` gets the next *logical* index, unless its `(client, seq)` was applied before, in
+//!   which case it is a duplicate and gets the original index back (exactly-once appends). Each
+//!   client's last [`DEDUPE_WINDOW`] sequence numbers are remembered; an older retry is refused.
+//! - `CkptChunk` stages part of a checkpoint upload; `CkptCommit` verifies length and CRC and
+//!   makes it *the* checkpoint, dropping the entries it covers (compaction).
+//!
+//! The state is held in memory (entries since the last checkpoint, the dedupe table, the
+//! checkpoint) and made durable by openraft snapshots written to `<dir>/snapshot`; on restart it
+//! is loaded from there and the Raft log after it is applied again. A snapshot is therefore
+//! about as large as the last checkpoint plus the entries since, which the kvstore keeps bounded
+//! by checkpointing regularly.
+
+use bytes::Bytes;
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Cursor};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use tokio::sync::watch;
+
+use crate::log_store::write_atomic;
+use crate::types::{
+    BatchResult, Entry, LogId, Node, NodeId, Op, OpResult, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
+};
+
+/// Sequence numbers remembered per client for deduplication.
+pub const DEDUPE_WINDOW: usize = 100_000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ClientSeqs {
+    /// seq -> logical index, for the most recent seqs.
+    seqs: BTreeMap<u64, u64>,
+    /// Seqs below this were forgotten and cannot be checked any more.
+    floor: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub id: u64,
+    /// The checkpoint is the state as of this logical index.
+    pub index: u64,
+    pub crc: u32,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Staging {
+    id: u64,
+    data: Vec<u8>,
+}
+
+/// Everything a snapshot holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SmData {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    /// Logical index the next append gets. Indices start at 1.
+    next_index: u64,
+    /// First logical index still held; earlier ones are covered by the checkpoint.
+    first_index: u64,
+    /// Payloads of logical indices `first_index..next_index`.
+    entries: VecDeque<Bytes>,
+    dedupe: BTreeMap<Bytes, ClientSeqs>,
+    checkpoint: Option<Checkpoint>,
+    staging: Option<Staging>,
+}
+
+impl Default for SmData {
+    fn default() -> Self {
+        SmData {
+            last_applied: None,
+            membership: StoredMembership::default(),
+            next_index: 1,
+            first_index: 1,
+            entries: VecDeque::new(),
+            dedupe: BTreeMap::new(),
+            checkpoint: None,
+            staging: None,
+        }
+    }
+}
+
+/// A snapshot as stored on disk and handed to openraft.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// Why a `READ` could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// Entries before this logical index were compacted into the checkpoint.
+    Compacted(u64),
+}
+
+struct Shared {
+    dir: PathBuf,
+    data: RwLock<SmData>,
+    current: Mutex<Option<StoredSnapshot>>,
+    /// Next logical index, for `TAIL` readers to wait on.
+    applied: watch::Sender<u64>,
+    snapshot_seq: AtomicU64,
+}
+
+/// The state machine. Clones share one state: openraft drives one, the DKSP server reads another.
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+}
+
+fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+impl StateMachine {
+    /// Loads the last snapshot from `dir` if there is one.
+    pub fn open(dir: &Path) -> Result<StateMachine, io::Error> {
+        std::fs::create_dir_all(dir)?;
+        let (data, current) = match std::fs::read(dir.join("snapshot")) {
+            Ok(bytes) => {
+                let stored = decode_snapshot_file(&bytes).map_err(|why| {
+                    io::Error::other(format!(
+                        "{}: {why}; move it away to rebuild this replica from the others",
+                        dir.join("snapshot").display()
+                    ))
+                })?;
+                let mut data: SmData = postcard::from_bytes(&stored.data).map_err(io_err)?;
+                data.last_applied = stored.meta.last_log_id;
+                data.membership = stored.meta.last_membership.clone();
+                (data, Some(stored))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (SmData::default(), None),
+            Err(e) => return Err(e),
+        };
+        let (applied, _) = watch::channel(data.next_index);
+        Ok(StateMachine {
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                data: RwLock::new(data),
+                current: Mutex::new(current),
+                applied,
+                snapshot_seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn read_data(&self) -> RwLockReadGuard<'_, SmData> {
+        self.shared.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_data(&self) -> RwLockWriteGuard<'_, SmData> {
+        self.shared.data.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Committed entries from logical index `from`, at most `max`.
+    pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Bytes)>, ReadError> {
+        let d = self.read_data();
+        let from = from.max(1);
+        if from < d.first_index {
+            return Err(ReadError::Compacted(d.first_index));
+        }
+        let skip = (from - d.first_index) as usize;
+        Ok(d.entries
+            .iter()
+            .skip(skip)
+            .take(max)
+            .enumerate()
+            .map(|(i, p)| (from + i as u64, p.clone()))
+            .collect())
+    }
+
+    /// Watches the next logical index (it changes whenever entries are applied).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+
+    /// (first retained logical index, last applied logical index, last applied Raft log id).
+    pub fn positions(&self) -> (u64, u64, Option<LogId>) {
+        let d = self.read_data();
+        (d.first_index, d.next_index - 1, d.last_applied)
+    }
+
+    /// The index already given to `(client, seq)`, if it was applied.
+    pub fn lookup(&self, client: &[u8], seq: u64) -> Option<u64> {
+        let d = self.read_data();
+        d.dedupe.get(client)?.seqs.get(&seq).copied()
+    }
+
+    /// The current checkpoint's (id, index, len, crc).
+    pub fn checkpoint_info(&self) -> Option<(u64, u64, u64, u32)> {
+        let d = self.read_data();
+        d.checkpoint
+            .as_ref()
+            .map(|c| (c.id, c.index, c.data.len() as u64, c.crc))
+    }
+
+    /// Up to `max` bytes of the current checkpoint from `offset`, if checkpoint `id` is current.
+    pub fn checkpoint_read(&self, id: u64, offset: u64, max: usize) -> Option<Bytes> {
+        let d = self.read_data();
+        let c = d.checkpoint.as_ref().filter(|c| c.id == id)?;
+        let start = (offset as usize).min(c.data.len());
+        let end = start.saturating_add(max).min(c.data.len());
+        Some(c.data.slice(start..end))
+    }
+
+    /// Bytes staged for checkpoint `id` so far (to resume or verify an upload).
+    pub fn staged_len(&self, id: u64) -> Option<u64> {
+        let d = self.read_data();
+        d.staging
+            .as_ref()
+            .filter(|s| s.id == id)
+            .map(|s| s.data.len() as u64)
+    }
+
+    fn store_snapshot(&self, stored: StoredSnapshot) -> Result<(), io::Error> {
+        let bytes = encode_snapshot_file(&stored)?;
+        write_atomic(&self.shared.dir, "snapshot", &bytes)?;
+        *self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(stored);
+        Ok(())
+    }
+}
+
+fn apply_op(d: &mut SmData, op: Op) -> OpResult {
+    match op {
+        Op::Append {
+            client,
+            seq,
+            payload,
+        } => {
+            let next = d.next_index;
+            let cs = d.dedupe.entry(client).or_default();
+            if seq < cs.floor {
+                return OpResult::Rejected(format!(
+                    "seq {seq} is older than the {DEDUPE_WINDOW} remembered for this client"
+                ));
+            }
+            if let Some(&index) = cs.seqs.get(&seq) {
+                return OpResult::Duplicate(index);
+            }
+            cs.seqs.insert(seq, next);
+            if cs.seqs.len() > DEDUPE_WINDOW {
+                if let Some((oldest, _)) = cs.seqs.pop_first() {
+                    cs.floor = oldest + 1;
+                }
+            }
+            d.entries.push_back(payload);
+            d.next_index += 1;
+            OpResult::Appended(next)
+        }
+        Op::CkptChunk { id, offset, data } => {
+            if offset == 0 {
+                // A new upload replaces any abandoned one.
+                d.staging = Some(Staging {
+                    id,
+                    data: data.to_vec(),
+                });
+                return OpResult::Done;
+            }
+            match &mut d.staging {
+                Some(s) if s.id == id && s.data.len() as u64 == offset => {
+                    s.data.extend_from_slice(&data);
+                    OpResult::Done
+                }
+                Some(s) if s.id == id => OpResult::Rejected(format!(
+                    "chunk at offset {offset} but {} bytes are staged for checkpoint {id}",
+                    s.data.len()
+                )),
+                _ => OpResult::Rejected(format!(
+                    "no upload of checkpoint {id} in progress; start at offset 0"
+                )),
+            }
+        }
+        Op::CkptCommit {
+            id,
+            index,
+            len,
+            crc,
+        } => {
+            let Some(s) = d.staging.as_ref().filter(|s| s.id == id) else {
+                return OpResult::Rejected(format!("no upload of checkpoint {id} in progress"));
+            };
+            if s.data.len() as u64 != len {
+                return OpResult::Rejected(format!(
+                    "checkpoint {id} has {} bytes staged, commit says {len}",
+                    s.data.len()
+                ));
+            }
+            if crc32c::crc32c(&s.data) != crc {
+                return OpResult::Rejected(format!("checkpoint {id} fails its CRC"));
+            }
+            if index >= d.next_index {
+                return OpResult::Rejected(format!(
+                    "checkpoint index {index} is beyond the last entry {}",
+                    d.next_index - 1
+                ));
+            }
+            if d.checkpoint.as_ref().is_some_and(|c| c.index > index) {
+                return OpResult::Rejected(format!(
+                    "a newer checkpoint (index {}) is already in place",
+                    d.checkpoint.as_ref().map_or(0, |c| c.index)
+                ));
+            }
+            let staged = d.staging.take().unwrap_or_default();
+            d.checkpoint = Some(Checkpoint {
+                id,
+                index,
+                crc,
+                data: Bytes::from(staged.data),
+            });
+            if index >= d.first_index {
+                let drop_n = (index + 1 - d.first_index) as usize;
+                d.entries.drain(..drop_n.min(d.entries.len()));
+                d.first_index = index + 1;
+            }
+            OpResult::Done
+        }
+    }
+}
+
+fn encode_snapshot_file(stored: &StoredSnapshot) -> Result<Vec<u8>, io::Error> {
+    let body = postcard::to_stdvec(stored).map_err(io_err)?;
+    let mut out = Vec::with_capacity(body.len() + 12);
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn decode_snapshot_file(bytes: &[u8]) -> Result<StoredSnapshot, String> {
+    if bytes.len() < 12 {
+        return Err("truncated snapshot file".into());
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&bytes[..8]);
+    let len = u64::from_le_bytes(len) as usize;
+    let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    let body = bytes
+        .get(12..12usize.saturating_add(len))
+        .ok_or("truncated snapshot file")?;
+    if crc32c::crc32c(body) != crc {
+        return Err("snapshot file fails its checksum".into());
+    }
+    postcard::from_bytes(body).map_err(|e| format!("undecodable snapshot: {e}"))
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let this = self.clone();
+        let built = tokio::task::spawn_blocking(move || -> Result<StoredSnapshot, io::Error> {
+            let (data, last, membership) = {
+                let d = this.read_data();
+                (
+                    postcard::to_stdvec(&*d).map_err(io_err)?,
+                    d.last_applied,
+                    d.membership.clone(),
+                )
+            };
+            let seq = this.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+            let snapshot_id = match last {
+                Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
+                None => format!("--{seq}"),
+            };
+            let stored = StoredSnapshot {
+                meta: SnapshotMeta {
+                    last_log_id: last,
+                    last_membership: membership,
+                    snapshot_id,
+                },
+                data,
+            };
+            this.store_snapshot(stored.clone())?;
+            Ok(stored)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io_err(e)))
+        .map_err(|e| StorageIOError::write_snapshot(None, &e))?;
+        tracing::info!(
+            "snapshot {} built: {} bytes",
+            built.meta.snapshot_id,
+            built.data.len()
+        );
+        Ok(Snapshot {
+            meta: built.meta,
+            snapshot: Box::new(Cursor::new(built.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let d = self.read_data();
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<BatchResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut results = Vec::new();
+        let next = {
+            let mut d = self.write_data();
+            for entry in entries {
+                d.last_applied = Some(entry.log_id);
+                match entry.payload {
+                    EntryPayload::Blank => results.push(BatchResult::default()),
+                    EntryPayload::Membership(m) => {
+                        d.membership = StoredMembership::new(Some(entry.log_id), m);
+                        results.push(BatchResult::default());
+                    }
+                    EntryPayload::Normal(batch) => {
+                        let r = batch.0.into_iter().map(|op| apply_op(&mut d, op)).collect();
+                        results.push(BatchResult(r));
+                    }
+                }
+            }
+            d.next_index
+        };
+        self.shared.applied.send_replace(next);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &openraft::SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        // The cursor is positioned at the end after a chunked transfer; take the whole buffer.
+        let bytes = snapshot.into_inner();
+        let mut data: SmData = postcard::from_bytes(&bytes)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        data.last_applied = meta.last_log_id;
+        data.membership = meta.last_membership.clone();
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        };
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.store_snapshot(stored))
+            .await
+            .unwrap_or_else(|e| Err(io_err(e)))
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let next = data.next_index;
+        *self.write_data() = data;
+        self.shared.applied.send_replace(next);
+        tracing::info!("installed snapshot {}", meta.snapshot_id);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let current = self
+            .shared
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        Ok(current.map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
+    }
+}

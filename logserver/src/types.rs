@@ -1,0 +1,92 @@
+//! The Raft type configuration: what a log entry carries and what applying it returns.
+//!
+//! One Raft entry carries a [`Batch`] of operations, not one: openraft 0.9 fsyncs each
+//! `client_write` separately and one at a time, so the DKSP server gathers the `APPEND`s that
+//! arrive while a write is in flight into the next batch (group commit). The client-visible log
+//! index is *logical*: the state machine numbers `Append` operations densely as it applies them,
+//! so Raft's own entries (leader no-ops, membership changes), checkpoint uploads and duplicate
+//! appends never show up in `READ`.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::io::Cursor;
+
+pub type NodeId = u64;
+
+/// A replica's two addresses: Raft traffic between replicas, and DKSP for clients.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub raft_addr: String,
+    pub dksp_addr: String,
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "raft={} dksp={}", self.raft_addr, self.dksp_addr)
+    }
+}
+
+/// One client operation inside a replicated batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Append `payload` once per `(client, seq)`.
+    Append {
+        client: Bytes,
+        seq: u64,
+        payload: Bytes,
+    },
+    /// Part of a checkpoint upload: `data` belongs at `offset` of checkpoint `id`.
+    CkptChunk { id: u64, offset: u64, data: Bytes },
+    /// Checkpoint `id` (of `len` bytes with CRC32C `crc`) is the state as of logical index
+    /// `index`; entries up to `index` may be dropped.
+    CkptCommit {
+        id: u64,
+        index: u64,
+        len: u64,
+        crc: u32,
+    },
+}
+
+/// What a Raft entry carries: operations applied in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Op>);
+
+/// The outcome of one [`Op`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// Appended at this logical index.
+    Appended(u64),
+    /// `(client, seq)` was appended before, at this logical index; nothing was appended now.
+    Duplicate(u64),
+    /// A checkpoint operation took effect.
+    Done,
+    /// Rejected, with the reason (a checkpoint chunk out of order, a seq too old to check).
+    Rejected(String),
+}
+
+/// What applying one Raft entry returns: one result per op (empty for Raft's own entries).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchResult(pub Vec<OpResult>);
+
+openraft::declare_raft_types!(
+    /// dtkv's Raft types.
+    pub TypeConfig:
+        D = Batch,
+        R = BatchResult,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+);
+
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type Vote = openraft::Vote<NodeId>;
+pub type StorageError = openraft::StorageError<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+pub type RpcError<E = openraft::error::Infallible> =
+    openraft::error::RPCError<NodeId, Node, RaftError<E>>;

@@ -1,0 +1,139 @@
+//! A client for the replicated log that finds the leader and rides through failovers.
+//!
+//! It follows `REDIRECT`s, and on a lost connection or `ERR UNAVAILABLE` (no leader yet, no
+//! quorum) it tries the next replica after a short backoff, until a deadline. Retrying an
+//! `APPEND` is safe because `(client, seq)` makes it exactly-once: a retry of an append that
+//! did commit returns the original index.
+
+use bytes::Bytes;
+use std::time::{Duration, Instant};
+
+use crate::client::{Client, ClientError, Result};
+use crate::log::Request;
+use crate::response::{parse_u64, ErrorCode, Response};
+
+pub struct LogClient {
+    replicas: Vec<String>,
+    /// Index into `replicas` (or a redirect target appended to it) to try next.
+    next: usize,
+    conn: Option<(String, Client)>,
+    /// How long one call keeps retrying before giving up.
+    pub deadline: Duration,
+}
+
+impl LogClient {
+    /// `replicas`: the DKSP addresses of the log replicas, any order.
+    pub fn new(replicas: Vec<String>) -> LogClient {
+        LogClient {
+            replicas,
+            next: 0,
+            conn: None,
+            deadline: Duration::from_secs(10),
+        }
+    }
+
+    /// The replica currently talked to, if connected.
+    pub fn connected_to(&self) -> Option<&str> {
+        self.conn.as_ref().map(|(a, _)| a.as_str())
+    }
+
+    async fn connection(&mut self) -> Result<&mut Client> {
+        if self.conn.is_none() {
+            let addr = self.replicas[self.next % self.replicas.len()].clone();
+            let c = tokio::time::timeout(Duration::from_secs(1), Client::connect(addr.as_str()))
+                .await
+                .map_err(|_| ClientError::Io(std::io::ErrorKind::TimedOut.into()))??;
+            self.conn = Some((addr, c));
+        }
+        match self.conn.as_mut() {
+            Some((_, c)) => Ok(c),
+            None => Err(ClientError::Closed),
+        }
+    }
+
+    fn redirect(&mut self, addr: String) {
+        self.conn = None;
+        match self.replicas.iter().position(|r| *r == addr) {
+            Some(i) => self.next = i,
+            None => {
+                self.replicas.push(addr);
+                self.next = self.replicas.len() - 1;
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        self.conn = None;
+        self.next = (self.next + 1) % self.replicas.len();
+    }
+
+    /// Sends a leader-only request, following redirects and retrying through failovers.
+    pub async fn call_leader(&mut self, line: &[u8]) -> Result<Response> {
+        let start = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        let mut last_err: Option<ClientError> = None;
+        while start.elapsed() < self.deadline {
+            let attempt = match self.connection().await {
+                Ok(c) => c.call(line).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(Response::Redirect(addr)) => {
+                    self.redirect(addr);
+                    continue;
+                }
+                Ok(Response::Err(e)) if e.code == ErrorCode::Unavailable => {
+                    last_err = Some(ClientError::Server(e));
+                    self.rotate();
+                }
+                Ok(r) => return Ok(r),
+                Err(e @ ClientError::Protocol(_)) => return Err(e),
+                Err(e) => {
+                    last_err = Some(e);
+                    self.rotate();
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+        Err(last_err.unwrap_or(ClientError::Closed))
+    }
+
+    /// `APPEND`: the logical index the payload got (the original one on a retry).
+    pub async fn append(&mut self, client: &[u8], seq: u64, payload: &[u8]) -> Result<u64> {
+        let req = Request::Append {
+            client: Bytes::copy_from_slice(client),
+            seq,
+            payload: Bytes::copy_from_slice(payload),
+        };
+        match self.call_leader(&req.encode()).await? {
+            Response::Ok(args) if args.len() == 1 => {
+                parse_u64(&args[0]).map_err(ClientError::Protocol)
+            }
+            Response::Err(e) => Err(ClientError::Server(e)),
+            r => Err(ClientError::Unexpected(r)),
+        }
+    }
+
+    /// `READ` from whichever replica this client is connected to (entries are committed ones).
+    pub async fn read(&mut self, from: u64, max: Option<u64>) -> Result<Vec<(u64, Bytes)>> {
+        let start = Instant::now();
+        loop {
+            let attempt = match self.connection().await {
+                Ok(c) => c.read_log(from, max).await,
+                Err(e) => Err(e),
+            };
+            match attempt {
+                Ok(v) => return Ok(v),
+                Err(e @ (ClientError::Io(_) | ClientError::Closed)) => {
+                    self.rotate();
+                    if start.elapsed() > self.deadline {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
