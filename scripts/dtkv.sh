@@ -19,7 +19,9 @@ kvstore 10000 kvstore --listen 127.0.0.1:10000 --sequencer 127.0.0.1:10001 --log
 SERVICES
 }
 
-running() { [ -f "$DATA/pids/$1.pid" ] && kill -0 "$(cat "$DATA/pids/$1.pid")" 2>/dev/null; }
+# True if the pid file names a live process (a killed one can linger as a zombie: not live).
+alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }
+running() { [ -f "$DATA/pids/$1.pid" ] && alive "$(cat "$DATA/pids/$1.pid")"; }
 
 # Sends one request line and prints the reply line (empty if the server does not answer).
 ask() { printf '%s\n' "$2" | timeout 2 "$BIN/dksp" "127.0.0.1:$1" 2>/dev/null | head -n 1 || true; }
@@ -61,15 +63,19 @@ start() {
   done
 }
 
-# Waits until a logserver replica reports a leader.
+# Waits until every logserver replica reports the same leader.
 wait_leader() {
   for _ in $(seq 1 100); do
-    for port in 10002 10012 10022; do
-      case "$(ask "$port" STATUS)" in *" leader=none"*|"") ;; *) return 0 ;; esac
-    done
+    leaders=$(for port in 10002 10012 10022; do
+      ask "$port" STATUS | tr ' ' '\n' | grep '^leader=' || echo leader=none
+    done | sort -u)
+    if [ "$(echo "$leaders" | wc -l)" = 1 ] && [ "$leaders" != leader=none ]; then
+      echo "log group leader: ${leaders#leader=}"
+      return 0
+    fi
     sleep 0.1
   done
-  echo "no logserver leader after 10 s; see $DATA/logs/log-*.log" >&2
+  echo "the log replicas do not agree on a leader after 10 s; see $DATA/logs/log-*.log" >&2
   return 1
 }
 
@@ -79,10 +85,10 @@ stop() {
     [[ -n "$filter" && "$name" != $filter ]] && continue
     [ -f "$DATA/pids/$name.pid" ] || continue
     pid=$(cat "$DATA/pids/$name.pid")
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
       kill -TERM "$pid"
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
+      for _ in $(seq 1 50); do alive "$pid" || break; sleep 0.1; done
+      alive "$pid" && kill -KILL "$pid"
       echo "stopped $name (pid $pid)"
     fi
     rm -f "$DATA/pids/$name.pid"

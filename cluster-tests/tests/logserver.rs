@@ -76,6 +76,16 @@ async fn followers_redirect_and_bad_input_is_refused() {
         l.call(b"APPEND x 1 ok").await.unwrap(),
         Response::Ok(vec!["1".into()])
     );
+    // Pipelined in one write: the READ must see the APPENDs before it on the same connection.
+    l.send(b"APPEND x 2 two");
+    l.send(b"APPEND x 3 three");
+    l.send(b"READ 2");
+    l.flush().await.unwrap();
+    assert_eq!(l.recv().await.unwrap(), Response::Ok(vec!["2".into()]));
+    assert_eq!(l.recv().await.unwrap(), Response::Ok(vec!["3".into()]));
+    assert_eq!(l.recv().await.unwrap(), Response::Entry(2, "two".into()));
+    assert_eq!(l.recv().await.unwrap(), Response::Entry(3, "three".into()));
+    assert_eq!(l.recv().await.unwrap(), Response::End);
     let st = c.status(leader).await.unwrap();
     assert_eq!(st["role"], "leader");
     assert_eq!(st["voters"], "1,2,3");

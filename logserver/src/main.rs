@@ -34,12 +34,12 @@ struct Args {
     #[arg(long)]
     init: bool,
     /// Leader heartbeat, ms (also the replication RPC timeout).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
     /// Election timeout range, ms: a follower that hears no leader for this long campaigns.
-    #[arg(long, default_value_t = 400)]
+    #[arg(long, default_value_t = 250)]
     election_min_ms: u64,
-    #[arg(long, default_value_t = 700)]
+    #[arg(long, default_value_t = 450)]
     election_max_ms: u64,
     /// Take a snapshot after this many Raft entries (besides after every checkpoint).
     #[arg(long, default_value_t = 20_000)]

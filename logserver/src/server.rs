@@ -173,7 +173,9 @@ pub struct LogServer {
 impl LogServer {
     /// `Ok` on the leader; otherwise the reply to give instead (REDIRECT or UNAVAILABLE).
     fn check_leader(&self) -> Result<(), Response> {
-        let m = self.raft.metrics().borrow().clone();
+        // On every write: borrow the metrics, do not clone them (they hold maps).
+        let m = self.raft.metrics();
+        let m = m.borrow();
         match m.current_leader {
             Some(l) if l == self.id && m.state == ServerState::Leader => Ok(()),
             Some(l) => match m.membership_config.membership().get_node(&l) {
@@ -300,7 +302,22 @@ pub async fn handle(mut conn: Connection, srv: Arc<LogServer>, shutdown: Cancell
                         conn.write_response(&Response::ok());
                         break;
                     }
-                    req => pending.push_back(dispatch(&srv, req).await),
+                    req => {
+                        // A read sees this connection's earlier writes: wait for them first.
+                        let is_write = matches!(
+                            req,
+                            Request::Append { .. }
+                                | Request::CkptPut { .. }
+                                | Request::CkptCommit { .. }
+                                | Request::AddReplica { .. }
+                                | Request::RemoveReplica { .. }
+                        );
+                        let behind_writes = pending.iter().any(|r| matches!(r, Reply::Waiting(_)));
+                        if !is_write && behind_writes && drain(&mut conn, &mut pending).await.is_err() {
+                            return;
+                        }
+                        pending.push_back(dispatch(&srv, req).await);
+                    }
                 }
             }
         }

@@ -94,7 +94,7 @@ impl LogClient {
                 }
             }
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
+            backoff = (backoff * 2).min(Duration::from_millis(50));
         }
         Err(last_err.unwrap_or(ClientError::Closed))
     }
