@@ -1,1 +1,14 @@
-//! Placeholder until its issue lands.
+//! The kvstore: the client-facing MVCC store with snapshot isolation (port 10000).
+//!
+//! It keeps no durable state of its own: every commit is a record in the replicated log, and
+//! on start it rebuilds itself from the latest checkpoint plus the log after it.
+//!
+//! - [`mvcc`]: the multi-version store and its garbage collection.
+//! - [`record`]: the log records, as readable DKSP text.
+//! - [`engine`]: timestamps, snapshots, first-committer-wins, group commit, fencing, recovery,
+//!   checkpoints.
+//! - [`server`]: sessions and the DKSP commands.
+pub mod engine;
+pub mod mvcc;
+pub mod record;
+pub mod server;

@@ -1,0 +1,761 @@
+//! Transactions: timestamps, snapshot isolation, commits through the log, recovery.
+//!
+//! **Timestamps.** All of them come from the sequencer, in blocks (`NEXT n`) that this process
+//! hands out in order under one mutex. Taking a commit timestamp and registering the commit as
+//! *in flight* happen in the same critical section, so there is no moment when a timestamp is
+//! taken but invisible.
+//!
+//! **Snapshots.** `BEGIN` takes a start timestamp `s`, then waits until every in-flight commit
+//! with a timestamp below `s` has been applied (or failed). From then on the store holds every
+//! commit below `s`, so reads at `s` are a stable snapshot: this is how a reader never skips a
+//! commit that has its timestamp but is not applied yet. The wait is at most one log round trip.
+//!
+//! **First committer wins.** `COMMIT` checks, in that same critical section, each written key
+//! against the newest committed version (newer than `s` means someone committed after we
+//! started) and against the in-flight commits (someone is committing it now, and was first).
+//! Either aborts with `CONFLICT <key>`. Otherwise the commit gets its timestamp and is queued.
+//!
+//! **The committer** takes everything queued, writes it as one log entry (one `APPEND`: group
+//! commit), and once the log has it on a majority of replicas applies it to the store, in log
+//! order, and answers the clients. Its `(client, seq)` makes a retried append exactly-once, so
+//! it retries through logserver failovers.
+//!
+//! **Fencing.** Each kvstore has an epoch (its first timestamp) and starts by appending
+//! `EPOCH <e>`. Log indices are dense, so when an append comes back at an index other than the
+//! next one, another writer has appended in between; the committer reads the gap, and if it
+//! holds a newer `EPOCH` this kvstore has been replaced: it acknowledges nothing more and
+//! answers `ERR FENCED`. Replay skips commits made under an epoch older than the newest `EPOCH`
+//! before them, which are exactly the ones a fenced kvstore never acknowledged.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use protocol::log::Request as LogRequest;
+use protocol::{Client, ClientError, ErrorCode, LogClient, Response};
+
+use crate::mvcc::Store;
+use crate::record::Record;
+
+/// Timestamps fetched from the sequencer at once.
+const TS_BLOCK: u64 = 10_000;
+/// A log entry closes at this many bytes of records.
+const BATCH_BYTES: usize = 512 * 1024;
+/// Checkpoint chunk size, before quoting (binary may quadruple when quoted).
+const CKPT_CHUNK: usize = 192 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("this kvstore was replaced by a newer one (epoch {0}); connect to that one")]
+    Fenced(u64),
+}
+
+/// How a commit ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed(u64),
+    Conflict(Bytes),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    Starting,
+    Replaying { done: u64, total: u64 },
+    Serving,
+    Fenced(u64),
+}
+
+pub struct Config {
+    pub sequencer: String,
+    pub log: Vec<String>,
+    /// Write a checkpoint after this many commit records.
+    pub checkpoint_every: u64,
+}
+
+struct TxnState {
+    /// Local block of timestamps `[next, end)`.
+    next: u64,
+    end: u64,
+    /// Commits with a timestamp, not yet applied: ts -> keys.
+    inflight: BTreeMap<u64, Vec<Bytes>>,
+    inflight_keys: HashMap<Bytes, u64>,
+    /// Start timestamps of open transactions (with counts), for the GC watermark.
+    active: BTreeMap<u64, usize>,
+}
+
+struct CommitReq {
+    record: Record,
+    reply: oneshot::Sender<Result<(), EngineError>>,
+}
+
+/// The checkpoint's content: the newest version of every live key as of a log index.
+#[derive(Serialize, Deserialize)]
+struct CheckpointData {
+    index: u64,
+    max_ts: u64,
+    epoch: u64,
+    entries: Vec<(Bytes, u64, Bytes)>,
+}
+
+pub struct Engine {
+    pub store: RwLock<Store>,
+    txns: Mutex<TxnState>,
+    /// Fires when in-flight commits are resolved.
+    resolved: Notify,
+    committer: mpsc::Sender<CommitReq>,
+    mode: Mutex<Mode>,
+    sequencer: tokio::sync::Mutex<Option<Client>>,
+    cfg: Config,
+    epoch: AtomicU64,
+    applied_index: AtomicU64,
+    commits_since_checkpoint: AtomicU64,
+    checkpointing: AtomicBool,
+    /// Commit records applied in total (STATUS).
+    pub commits: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Engine {
+    /// Creates the engine and starts recovery and the committer in the background; data
+    /// commands answer `ERR UNAVAILABLE` until recovery is done.
+    pub fn start(cfg: Config) -> Arc<Engine> {
+        let (tx, rx) = mpsc::channel(64 * 1024);
+        let engine = Arc::new(Engine {
+            store: RwLock::new(Store::new()),
+            txns: Mutex::new(TxnState {
+                next: 0,
+                end: 0,
+                inflight: BTreeMap::new(),
+                inflight_keys: HashMap::new(),
+                active: BTreeMap::new(),
+            }),
+            resolved: Notify::new(),
+            committer: tx,
+            mode: Mutex::new(Mode::Starting),
+            sequencer: tokio::sync::Mutex::new(None),
+            cfg,
+            epoch: AtomicU64::new(0),
+            applied_index: AtomicU64::new(0),
+            commits_since_checkpoint: AtomicU64::new(0),
+            checkpointing: AtomicBool::new(false),
+            commits: AtomicU64::new(0),
+        });
+        let e = engine.clone();
+        tokio::spawn(async move {
+            let mut log = LogClient::new(e.cfg.log.clone());
+            log.deadline = Duration::from_secs(5);
+            loop {
+                match e.recover(&mut log).await {
+                    Ok(()) => break,
+                    Err(err) => {
+                        tracing::warn!("recovery failed, retrying: {err}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+            committer_loop(e, rx, log).await;
+        });
+        let e = engine.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                e.collect_garbage();
+            }
+        });
+        engine
+    }
+
+    pub fn mode(&self) -> Mode {
+        lock(&self.mode).clone()
+    }
+
+    fn set_mode(&self, m: Mode) {
+        *lock(&self.mode) = m;
+    }
+
+    /// `Ok` if data commands may run now.
+    pub fn check_serving(&self) -> Result<(), EngineError> {
+        match self.mode() {
+            Mode::Serving => Ok(()),
+            Mode::Starting => Err(EngineError::Unavailable(
+                "starting: waiting for the sequencer and the log".into(),
+            )),
+            Mode::Replaying { done, total } => Err(EngineError::Unavailable(format!(
+                "replaying {done}/{total}"
+            ))),
+            Mode::Fenced(e) => Err(EngineError::Fenced(e)),
+        }
+    }
+
+    /// Fetches a new block of timestamps if the local one is used up.
+    async fn refill(&self) -> Result<(), EngineError> {
+        let mut seq = self.sequencer.lock().await;
+        {
+            let t = lock(&self.txns);
+            if t.next < t.end {
+                return Ok(());
+            }
+        }
+        let mut last_err = String::new();
+        for attempt in 0..50u64 {
+            if seq.is_none() {
+                match Client::connect(self.cfg.sequencer.as_str()).await {
+                    Ok(c) => *seq = Some(c),
+                    Err(e) => last_err = e.to_string(),
+                }
+            }
+            if let Some(c) = seq.as_mut() {
+                match c.next_block(TS_BLOCK).await {
+                    Ok(first) => {
+                        let mut t = lock(&self.txns);
+                        if first <= t.next.saturating_sub(1) {
+                            return Err(EngineError::Unavailable(format!(
+                                "sequencer went backwards ({first} after {})",
+                                t.next
+                            )));
+                        }
+                        t.next = first;
+                        t.end = first + TS_BLOCK;
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        last_err = e.to_string();
+                        *seq = None;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20 * (attempt + 1).min(10))).await;
+        }
+        Err(EngineError::Unavailable(format!(
+            "sequencer {} unreachable: {last_err}",
+            self.cfg.sequencer
+        )))
+    }
+
+    /// Takes a timestamp and runs `register` in the same critical section.
+    async fn with_ts<T>(
+        &self,
+        mut register: impl FnMut(&mut TxnState, u64) -> T,
+    ) -> Result<T, EngineError> {
+        loop {
+            {
+                let mut t = lock(&self.txns);
+                if t.next < t.end {
+                    let ts = t.next;
+                    t.next += 1;
+                    return Ok(register(&mut t, ts));
+                }
+            }
+            self.refill().await?;
+        }
+    }
+
+    /// Starts a snapshot: returns its timestamp once every commit below it is applied. The
+    /// caller must `end_snapshot` it.
+    pub async fn begin(&self) -> Result<u64, EngineError> {
+        self.check_serving()?;
+        let s = self
+            .with_ts(|t, ts| {
+                *t.active.entry(ts).or_default() += 1;
+                ts
+            })
+            .await?;
+        loop {
+            let resolved = self.resolved.notified();
+            tokio::pin!(resolved);
+            resolved.as_mut().enable();
+            if lock(&self.txns).inflight.range(..s).next().is_none() {
+                return Ok(s);
+            }
+            resolved.await;
+        }
+    }
+
+    pub fn end_snapshot(&self, s: u64) {
+        let mut t = lock(&self.txns);
+        if let Some(n) = t.active.get_mut(&s) {
+            *n -= 1;
+            if *n == 0 {
+                t.active.remove(&s);
+            }
+        }
+    }
+
+    pub fn get(&self, key: &[u8], s: u64) -> Option<Bytes> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key, s)
+    }
+
+    pub fn scan(&self, start: &[u8], end: &[u8], s: u64, limit: usize) -> Vec<(Bytes, Bytes)> {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .scan(start, end, s, limit)
+    }
+
+    /// Commits writes made on the snapshot `start_ts` (first committer wins).
+    pub async fn commit(
+        &self,
+        start_ts: u64,
+        writes: Vec<(Bytes, Option<Bytes>)>,
+    ) -> Result<Outcome, EngineError> {
+        self.check_serving()?;
+        let keys: Vec<Bytes> = writes.iter().map(|(k, _)| k.clone()).collect();
+        let decided = self
+            .with_ts(|t, ts| {
+                for k in &keys {
+                    if t.inflight_keys.contains_key(k) {
+                        return Err(k.clone());
+                    }
+                }
+                {
+                    let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+                    for k in &keys {
+                        if store.latest_ts(k).is_some_and(|c| c > start_ts) {
+                            return Err(k.clone());
+                        }
+                    }
+                }
+                t.inflight.insert(ts, keys.clone());
+                for k in &keys {
+                    t.inflight_keys.insert(k.clone(), ts);
+                }
+                Ok(ts)
+            })
+            .await?;
+        // A conflict wastes one timestamp of the local block; nothing else saw it.
+        let ts = match decided {
+            Ok(ts) => ts,
+            Err(key) => return Ok(Outcome::Conflict(key)),
+        };
+        let (reply, rx) = oneshot::channel();
+        let record = Record::Commit {
+            ts,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            writes,
+        };
+        if self
+            .committer
+            .send(CommitReq { record, reply })
+            .await
+            .is_err()
+        {
+            self.resolve(&[ts]);
+            return Err(EngineError::Unavailable("committer stopped".into()));
+        }
+        match rx.await {
+            Ok(Ok(())) => Ok(Outcome::Committed(ts)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(EngineError::Unavailable("committer stopped".into())),
+        }
+    }
+
+    /// Removes commits from the in-flight set and wakes waiting snapshots.
+    fn resolve(&self, tss: &[u64]) {
+        {
+            let mut t = lock(&self.txns);
+            for ts in tss {
+                if let Some(keys) = t.inflight.remove(ts) {
+                    for k in keys {
+                        if t.inflight_keys.get(&k) == Some(ts) {
+                            t.inflight_keys.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+        self.resolved.notify_waiters();
+    }
+
+    fn collect_garbage(&self) {
+        let watermark = {
+            let t = lock(&self.txns);
+            t.active.keys().next().copied().unwrap_or(t.next)
+        };
+        let dropped = self
+            .store
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .collect_garbage(watermark);
+        if dropped > 0 {
+            tracing::debug!(dropped, watermark, "collected old versions");
+        }
+    }
+
+    /// Applies one log entry's records in order; returns how many commits it applied.
+    fn apply_entry(&self, payload: &[u8], epoch: &mut u64) -> Result<u64, String> {
+        let mut applied = 0;
+        let records = Record::parse_entry(payload)?;
+        let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            match r {
+                Record::Epoch(e) => *epoch = (*epoch).max(e),
+                Record::Commit {
+                    ts,
+                    epoch: e,
+                    writes,
+                } => {
+                    if e >= *epoch {
+                        store.apply(ts, &writes);
+                        applied += 1;
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    /// Loads the checkpoint, replays the log, fences older kvstores, then serves.
+    async fn recover(&self, log: &mut LogClient) -> Result<(), String> {
+        self.refill().await.map_err(|e| e.to_string())?;
+        let my_epoch = lock(&self.txns).next;
+        // The epoch is a timestamp: it orders kvstores by start.
+        lock(&self.txns).next += 1;
+        self.epoch.store(my_epoch, Ordering::SeqCst);
+        *self.store.write().unwrap_or_else(|p| p.into_inner()) = Store::new();
+
+        let mut seen_epoch = 0u64;
+        let mut index = 0u64;
+        if let Some(ck) = load_checkpoint(log).await? {
+            let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
+            for (k, ts, v) in ck.entries {
+                store.apply(ts, &[(k, Some(v))]);
+            }
+            index = ck.index;
+            seen_epoch = ck.epoch;
+            tracing::info!(
+                "loaded checkpoint at log index {index} ({} keys)",
+                store.stats().0
+            );
+        }
+        let total = match log
+            .call_leader(b"STATUS")
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::Ok(args) => args
+                .iter()
+                .filter_map(|a| a.strip_prefix(b"last="))
+                .find_map(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
+                .unwrap_or(0),
+            _ => 0,
+        };
+        self.set_mode(Mode::Replaying { done: index, total });
+        let started = std::time::Instant::now();
+        let replayed = self
+            .read_and_apply(log, index + 1, None, &mut seen_epoch, true)
+            .await?;
+        index = replayed.0.max(index);
+        tracing::info!(
+            "replayed {} entries up to index {index} in {:.2} s",
+            replayed.1,
+            started.elapsed().as_secs_f64()
+        );
+        if seen_epoch > my_epoch {
+            return Err(format!(
+                "the log has epoch {seen_epoch}, newer than ours ({my_epoch}); the sequencer is behind"
+            ));
+        }
+
+        // Take over: EPOCH, then whatever was appended between the replay and it.
+        let client = format!("kv-{my_epoch}");
+        let mut payload = Vec::new();
+        Record::Epoch(my_epoch).encode(&mut payload);
+        let at = log
+            .append(client.as_bytes(), 0, &payload)
+            .await
+            .map_err(|e| e.to_string())?;
+        if at > index + 1 {
+            self.read_and_apply(log, index + 1, Some(at - 1), &mut seen_epoch, false)
+                .await?;
+        }
+        if seen_epoch > my_epoch {
+            self.set_mode(Mode::Fenced(seen_epoch));
+            return Err(format!("fenced by epoch {seen_epoch} while starting"));
+        }
+        self.applied_index.store(at, Ordering::SeqCst);
+        self.set_mode(Mode::Serving);
+        let (keys, versions, bytes) = self.store.read().unwrap_or_else(|p| p.into_inner()).stats();
+        tracing::info!(
+            "serving: epoch {my_epoch}, log index {at}, {keys} keys, {versions} versions, {bytes} bytes"
+        );
+        Ok(())
+    }
+
+    /// Reads entries `from..=to` (to the end if `to` is None) and applies them. Returns (last
+    /// index read, entries read).
+    async fn read_and_apply(
+        &self,
+        log: &mut LogClient,
+        from: u64,
+        to: Option<u64>,
+        epoch: &mut u64,
+        progress: bool,
+    ) -> Result<(u64, u64), String> {
+        let mut next = from;
+        let mut count = 0;
+        loop {
+            if to.is_some_and(|t| next > t) {
+                break;
+            }
+            let page = log
+                .read(next, Some(10_000))
+                .await
+                .map_err(|e| e.to_string())?;
+            if page.is_empty() {
+                if to.is_some() {
+                    // A lagging replica: ask again until it has the entries we know exist.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                }
+                break;
+            }
+            for (i, payload) in page {
+                if to.is_some_and(|t| i > t) {
+                    break;
+                }
+                let n = self.apply_entry(&payload, epoch)?;
+                self.commits.fetch_add(n, Ordering::Relaxed);
+                self.commits_since_checkpoint
+                    .fetch_add(n, Ordering::Relaxed);
+                next = i + 1;
+                count += 1;
+            }
+            if progress {
+                if let Mode::Replaying { total, .. } = self.mode() {
+                    self.set_mode(Mode::Replaying {
+                        done: next - 1,
+                        total: total.max(next - 1),
+                    });
+                }
+            }
+        }
+        Ok((next - 1, count))
+    }
+
+    /// (applied log index, epoch, open snapshots, in-flight commits).
+    pub fn positions(&self) -> (u64, u64, usize, usize) {
+        let t = lock(&self.txns);
+        (
+            self.applied_index.load(Ordering::SeqCst),
+            self.epoch.load(Ordering::SeqCst),
+            t.active.values().sum(),
+            t.inflight.len(),
+        )
+    }
+}
+
+async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, String> {
+    let info = match log
+        .call_leader(b"CKPT_INFO")
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Response::Ok(args) => args,
+        Response::Err(e) if e.code == ErrorCode::NotFound => return Ok(None),
+        r => return Err(format!("CKPT_INFO: {r:?}")),
+    };
+    let field = |name: &str| -> Result<u64, String> {
+        info.iter()
+            .filter_map(|a| std::str::from_utf8(a).ok())
+            .filter_map(|a| a.split_once('='))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.parse().ok())
+            .ok_or_else(|| format!("CKPT_INFO lacks {name}"))
+    };
+    let (id, len, crc) = (field("id")?, field("len")?, field("crc")?);
+    let mut data = Vec::with_capacity(len as usize);
+    while (data.len() as u64) < len {
+        let req = LogRequest::CkptRead {
+            id,
+            offset: data.len() as u64,
+            max: CKPT_CHUNK as u64,
+        };
+        match log
+            .call_leader(&req.encode())
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::Value(chunk) if !chunk.is_empty() => data.extend_from_slice(&chunk),
+            r => return Err(format!("CKPT_READ: {r:?}")),
+        }
+    }
+    if crc32c::crc32c(&data) != crc as u32 {
+        return Err("checkpoint fails its CRC".into());
+    }
+    postcard::from_bytes(&data)
+        .map(Some)
+        .map_err(|e| format!("undecodable checkpoint: {e}"))
+}
+
+async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut log: LogClient) {
+    let epoch = e.epoch.load(Ordering::SeqCst);
+    let client = format!("kv-{epoch}");
+    let mut seq = 0u64;
+    let mut seen_epoch = epoch;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut payload = Vec::new();
+        batch[0].record.encode(&mut payload);
+        while payload.len() < BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(req) => {
+                    payload.push(b'\n');
+                    req.record.encode(&mut payload);
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let tss: Vec<u64> = batch
+            .iter()
+            .filter_map(|r| match r.record {
+                Record::Commit { ts, .. } => Some(ts),
+                Record::Epoch(_) => None,
+            })
+            .collect();
+        if let Mode::Fenced(by) = e.mode() {
+            e.resolve(&tss);
+            for r in batch {
+                let _ = r.reply.send(Err(EngineError::Fenced(by)));
+            }
+            continue;
+        }
+        seq += 1;
+        // The outcome must be known before anyone is answered: retry until the log takes it
+        // ((client, seq) makes the retries exactly-once).
+        let index = loop {
+            match log.append(client.as_bytes(), seq, &payload).await {
+                Ok(i) => break i,
+                Err(err) => {
+                    tracing::warn!("log append failed, retrying: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let expected = e.applied_index.load(Ordering::SeqCst) + 1;
+        if index != expected {
+            // Someone else appended in between: read what, and check for a newer epoch.
+            let gap = e
+                .read_and_apply(&mut log, expected, Some(index - 1), &mut seen_epoch, false)
+                .await;
+            if let Err(err) = gap {
+                tracing::error!("reading appends by another writer failed: {err}");
+            }
+        }
+        if seen_epoch > epoch {
+            tracing::error!("fenced: kvstore epoch {seen_epoch} took over the log");
+            e.set_mode(Mode::Fenced(seen_epoch));
+            e.resolve(&tss);
+            for r in batch {
+                let _ = r.reply.send(Err(EngineError::Fenced(seen_epoch)));
+            }
+            continue;
+        }
+        let applied = {
+            let mut store = e.store.write().unwrap_or_else(|p| p.into_inner());
+            for r in &batch {
+                if let Record::Commit { ts, writes, .. } = &r.record {
+                    store.apply(*ts, writes);
+                }
+            }
+            tss.len() as u64
+        };
+        e.applied_index.store(index, Ordering::SeqCst);
+        e.commits.fetch_add(applied, Ordering::Relaxed);
+        e.resolve(&tss);
+        for r in batch {
+            let _ = r.reply.send(Ok(()));
+        }
+        let since = e
+            .commits_since_checkpoint
+            .fetch_add(applied, Ordering::Relaxed)
+            + applied;
+        if since >= e.cfg.checkpoint_every && !e.checkpointing.swap(true, Ordering::SeqCst) {
+            e.commits_since_checkpoint.store(0, Ordering::Relaxed);
+            start_checkpoint(&e, index);
+        }
+    }
+}
+
+/// Captures the store as of log index `index` (the committer has applied exactly up to it and
+/// is waiting for us) and uploads it in the background.
+fn start_checkpoint(e: &Arc<Engine>, index: u64) {
+    let (entries, max_ts) = {
+        let store = e.store.read().unwrap_or_else(|p| p.into_inner());
+        let mut max_ts = 0;
+        let entries: Vec<(Bytes, u64, Bytes)> = store
+            .latest()
+            .map(|(k, ts, v)| {
+                max_ts = max_ts.max(ts);
+                (k.clone(), ts, v.clone())
+            })
+            .collect();
+        (entries, max_ts)
+    };
+    let e = e.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let data = CheckpointData {
+            index,
+            max_ts,
+            epoch: e.epoch.load(Ordering::SeqCst),
+            entries,
+        };
+        let result = match postcard::to_stdvec(&data) {
+            Ok(bytes) => upload_checkpoint(&e.cfg.log, index, &bytes).await,
+            Err(err) => Err(err.to_string()),
+        };
+        match result {
+            Ok(len) => tracing::info!(
+                "checkpoint at log index {index}: {} keys, {len} bytes, {:.2} s",
+                data.entries.len(),
+                started.elapsed().as_secs_f64()
+            ),
+            Err(err) => tracing::warn!("checkpoint at {index} failed: {err}"),
+        }
+        e.checkpointing.store(false, Ordering::SeqCst);
+    });
+}
+
+async fn upload_checkpoint(addrs: &[String], index: u64, data: &[u8]) -> Result<usize, String> {
+    let mut log = LogClient::new(addrs.to_vec());
+    let id = index;
+    let mut offset = 0u64;
+    for chunk in data.chunks(CKPT_CHUNK) {
+        let req = LogRequest::CkptPut {
+            id,
+            offset,
+            data: Bytes::copy_from_slice(chunk),
+        };
+        match log.call_leader(&req.encode()).await {
+            Ok(Response::Ok(_)) => offset += chunk.len() as u64,
+            Ok(r) => return Err(format!("CKPT_PUT: {r:?}")),
+            Err(err) => return Err(err.to_string()),
+        }
+    }
+    let req = LogRequest::CkptCommit {
+        id,
+        index,
+        len: data.len() as u64,
+        crc: crc32c::crc32c(data),
+    };
+    match log.call_leader(&req.encode()).await {
+        Ok(Response::Ok(_)) => Ok(data.len()),
+        Ok(r) => Err(format!("CKPT_COMMIT: {r:?}")),
+        Err(ClientError::Server(e)) => Err(e.to_string()),
+        Err(err) => Err(err.to_string()),
+    }
+}

@@ -1,0 +1,78 @@
+use anyhow::Context;
+use clap::Parser;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use kvstore::engine::{Config, Engine};
+
+/// The dtkv kvstore: MVCC transactions with snapshot isolation over DKSP. It keeps no durable
+/// state: commits go to the logserver, and it rebuilds itself from the log on start.
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address to serve DKSP on.
+    #[arg(long, default_value = "127.0.0.1:10000")]
+    listen: String,
+    /// The sequencer's address.
+    #[arg(long, default_value = "127.0.0.1:10001")]
+    sequencer: String,
+    /// The logserver replicas' DKSP addresses, comma-separated.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:10002,127.0.0.1:10012,127.0.0.1:10022"
+    )]
+    log: String,
+    /// Write a checkpoint to the log after this many commits.
+    #[arg(long, default_value_t = 100_000)]
+    checkpoint_every: u64,
+    /// Abort a transaction idle for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    txn_timeout_secs: u64,
+    /// Longest request line accepted, in bytes.
+    #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
+    max_line: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    protocol::server::init_logging();
+    let args = Args::parse();
+    let log: Vec<String> = args
+        .log
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    anyhow::ensure!(
+        !log.is_empty(),
+        "--log needs at least one logserver address"
+    );
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let engine = Engine::start(Config {
+        sequencer: args.sequencer.clone(),
+        log,
+        checkpoint_every: args.checkpoint_every.max(1),
+    });
+    tracing::info!(
+        "kvstore listening on {}; sequencer {}, log {}",
+        listener.local_addr()?,
+        args.sequencer,
+        args.log
+    );
+    let idle = Duration::from_secs(args.txn_timeout_secs.max(1));
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(protocol::server::serve(
+        listener,
+        args.max_line,
+        shutdown.clone(),
+        move |conn, token| kvstore::server::handle(conn, engine.clone(), idle, token),
+    ));
+    protocol::server::shutdown_signal().await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+    let _ = serving.await;
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! The multi-version store: every committed value of every key, tagged with its commit
+//! timestamp, so each transaction reads the snapshot of its start timestamp.
+//!
+//! A read at snapshot `s` sees, per key, the newest version with `commit_ts < s` (a tombstone
+//! reads as absent). Versions are appended in commit-timestamp order per key, which the commit
+//! path guarantees (conflicting commits on one key are serialised, and each gets a larger
+//! timestamp than the one before). Old versions are garbage-collected: once no snapshot at or
+//! above the *watermark* (the oldest active start timestamp) can read a version, it is dropped;
+//! keys written since the last collection are the only ones looked at.
+
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Bound;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub ts: u64,
+    /// `None` is a tombstone (the key was deleted).
+    pub value: Option<Bytes>,
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    keys: BTreeMap<Bytes, Vec<Version>>,
+    /// Keys with more than one version, to look at in the next collection.
+    gc_candidates: HashSet<Bytes>,
+    /// Bytes of keys and values held, for STATUS and the memory report.
+    bytes: usize,
+    versions: usize,
+}
+
+impl Store {
+    pub fn new() -> Store {
+        Store::default()
+    }
+
+    /// The value of `key` in the snapshot at `snapshot_ts`.
+    pub fn get(&self, key: &[u8], snapshot_ts: u64) -> Option<Bytes> {
+        visible(self.keys.get(key)?, snapshot_ts)?.value.clone()
+    }
+
+    /// Live keys in `[start, end)` in the snapshot at `snapshot_ts`, at most `limit`.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        snapshot_ts: u64,
+        limit: usize,
+    ) -> Vec<(Bytes, Bytes)> {
+        if start >= end {
+            return Vec::new();
+        }
+        self.keys
+            .range::<[u8], _>((Bound::Included(start), Bound::Excluded(end)))
+            .filter_map(|(k, versions)| {
+                let v = visible(versions, snapshot_ts)?.value.clone()?;
+                Some((k.clone(), v))
+            })
+            .take(limit)
+            .collect()
+    }
+
+    /// Commit timestamp of the newest version of `key`, if any.
+    pub fn latest_ts(&self, key: &[u8]) -> Option<u64> {
+        self.keys.get(key)?.last().map(|v| v.ts)
+    }
+
+    /// Installs a committed transaction's writes at `commit_ts`.
+    pub fn apply(&mut self, commit_ts: u64, writes: &[(Bytes, Option<Bytes>)]) {
+        for (key, value) in writes {
+            let versions = self.keys.entry(key.clone()).or_default();
+            if versions.is_empty() {
+                self.bytes += key.len();
+            }
+            self.bytes += value.as_ref().map_or(0, |v| v.len());
+            self.versions += 1;
+            let version = Version {
+                ts: commit_ts,
+                value: value.clone(),
+            };
+            // In order in practice; stay correct if replay ever hands one out of order.
+            match versions.last() {
+                Some(last) if last.ts > commit_ts => {
+                    let at = versions.partition_point(|v| v.ts < commit_ts);
+                    versions.insert(at, version);
+                }
+                _ => versions.push(version),
+            }
+            if versions.len() > 1 || value.is_none() {
+                self.gc_candidates.insert(key.clone());
+            }
+        }
+    }
+
+    /// Drops versions that no snapshot at or above `watermark` can read. Returns how many.
+    pub fn collect_garbage(&mut self, watermark: u64) -> usize {
+        let mut dropped = 0;
+        let candidates: Vec<Bytes> = self.gc_candidates.drain().collect();
+        for key in candidates {
+            let Some(versions) = self.keys.get_mut(&key) else {
+                continue;
+            };
+            // Keep the newest version below the watermark (what a snapshot at the watermark
+            // reads) and everything at or above it.
+            let below = versions.partition_point(|v| v.ts < watermark);
+            let drop_n = below.saturating_sub(1);
+            for v in versions.drain(..drop_n) {
+                self.bytes -= v.value.as_ref().map_or(0, |v| v.len());
+                self.versions -= 1;
+                dropped += 1;
+            }
+            let only_tombstone_left =
+                versions.len() == 1 && versions[0].value.is_none() && versions[0].ts < watermark;
+            if only_tombstone_left {
+                self.keys.remove(&key);
+                self.bytes -= key.len();
+                self.versions -= 1;
+                dropped += 1;
+            } else if versions.len() > 1 || versions.last().is_some_and(|v| v.value.is_none()) {
+                // Still has history someone may read, or a tombstone above the watermark.
+                self.gc_candidates.insert(key);
+            }
+        }
+        dropped
+    }
+
+    /// The newest committed value of every live key (for checkpoints).
+    pub fn latest(&self) -> impl Iterator<Item = (&Bytes, u64, &Bytes)> {
+        self.keys.iter().filter_map(|(k, versions)| {
+            let v = versions.last()?;
+            Some((k, v.ts, v.value.as_ref()?))
+        })
+    }
+
+    /// (keys, versions, bytes of keys and values).
+    pub fn stats(&self) -> (usize, usize, usize) {
+        (self.keys.len(), self.versions, self.bytes)
+    }
+}
+
+fn visible(versions: &[Version], snapshot_ts: u64) -> Option<&Version> {
+    let n = versions.partition_point(|v| v.ts < snapshot_ts);
+    n.checked_sub(1).map(|i| &versions[i])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &str) -> Bytes {
+        Bytes::from(s.to_string())
+    }
+
+    #[test]
+    fn snapshots_see_versions_below_them() {
+        let mut s = Store::new();
+        s.apply(10, &[(b("a"), Some(b("1")))]);
+        s.apply(20, &[(b("a"), Some(b("2"))), (b("b"), Some(b("x")))]);
+        s.apply(30, &[(b("a"), None)]);
+        assert_eq!(s.get(b"a", 10), None);
+        assert_eq!(s.get(b"a", 11), Some(b("1")));
+        assert_eq!(s.get(b"a", 21), Some(b("2")));
+        assert_eq!(s.get(b"a", 31), None);
+        assert_eq!(
+            s.scan(b"", b"\xff", 25, 10),
+            vec![(b("a"), b("2")), (b("b"), b("x"))]
+        );
+        assert_eq!(s.scan(b"", b"\xff", 35, 10), vec![(b("b"), b("x"))]);
+        assert_eq!(s.scan(b"", b"\xff", 35, 0), vec![]);
+        assert_eq!(s.latest_ts(b"a"), Some(30));
+    }
+
+    #[test]
+    fn gc_keeps_what_snapshots_at_the_watermark_read() {
+        let mut s = Store::new();
+        for ts in 1..=10 {
+            s.apply(ts * 10, &[(b("k"), Some(b(&ts.to_string())))]);
+        }
+        s.apply(200, &[(b("gone"), Some(b("v")))]);
+        s.apply(210, &[(b("gone"), None)]);
+        let before = s.get(b"k", 55);
+        assert_eq!(s.collect_garbage(55), 4, "versions 10-40 of k");
+        assert_eq!(
+            s.get(b"k", 55),
+            before,
+            "the watermark snapshot reads the same"
+        );
+        assert_eq!(s.get(b"k", 1000), Some(b("10")));
+        assert_eq!(s.stats().1, 6 + 2);
+        // Everything below a high watermark goes, including a deleted key entirely.
+        s.collect_garbage(1000);
+        assert_eq!(s.stats().0, 1, "tombstoned key removed");
+        assert_eq!(s.stats().1, 1);
+        assert_eq!(s.get(b"k", 1000), Some(b("10")));
+    }
+}
