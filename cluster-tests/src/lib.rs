@@ -5,6 +5,8 @@
 //! The binaries must be built first: `make test` runs `cargo build --workspace --bins` before
 //! the tests. A missing binary fails the test with that instruction.
 
+pub mod workload;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -385,5 +387,94 @@ impl LogCluster {
             },
         )
         .await;
+    }
+}
+
+/// A whole system: three log replicas, a sequencer and a kvstore, each on free ports.
+pub struct System {
+    pub log: LogCluster,
+    pub seq: Sequencer,
+    pub kv: Option<Proc>,
+    pub kv_addr: SocketAddr,
+    pub kv_extra: Vec<String>,
+    kv_starts: usize,
+}
+
+impl System {
+    pub async fn start(kv_extra: &[&str]) -> System {
+        let log = LogCluster::start(&[]).await;
+        let seq_dir = log.dir.path().join("sequencer");
+        std::fs::create_dir_all(&seq_dir).expect("sequencer dir");
+        let seq = Sequencer::start(&seq_dir, &[]).await;
+        let mut s = System {
+            log,
+            seq,
+            kv: None,
+            kv_addr: local(free_port()),
+            kv_extra: kv_extra.iter().map(|s| s.to_string()).collect(),
+            kv_starts: 0,
+        };
+        s.start_kv().await;
+        s
+    }
+
+    /// Arguments for a kvstore on `addr` pointed at this system's sequencer and log.
+    pub fn kv_args(&self, addr: SocketAddr) -> Vec<String> {
+        let mut args = vec![
+            "--listen".to_string(),
+            addr.to_string(),
+            "--sequencer".into(),
+            self.seq.addr.to_string(),
+            "--log".into(),
+            self.log.addrs().join(","),
+        ];
+        args.extend(self.kv_extra.iter().cloned());
+        args
+    }
+
+    /// Starts a kvstore process on `addr` and waits until it serves.
+    pub async fn spawn_kv(&mut self, addr: SocketAddr) -> Proc {
+        self.kv_starts += 1;
+        let log = self
+            .log
+            .dir
+            .path()
+            .join(format!("kvstore-{}.log", self.kv_starts));
+        let mut p = Proc::spawn("kvstore", &self.kv_args(addr), &log);
+        wait_ready(addr, &mut p, Duration::from_secs(20)).await;
+        wait_serving(addr, &mut p).await;
+        p
+    }
+
+    pub async fn start_kv(&mut self) {
+        let p = self.spawn_kv(self.kv_addr).await;
+        self.kv = Some(p);
+    }
+
+    pub fn kill_kv(&mut self) {
+        if let Some(mut p) = self.kv.take() {
+            p.kill9();
+        }
+    }
+
+    pub async fn restart_kv(&mut self) {
+        self.kill_kv();
+        self.start_kv().await;
+    }
+}
+
+/// Waits until a kvstore reports `state=serving` (it replays the log first).
+pub async fn wait_serving(addr: SocketAddr, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = status(addr).await {
+            if s.get("state").map(String::as_str) == Some("serving") {
+                return;
+            }
+        }
+        if !p.running() || Instant::now() > deadline {
+            panic!("kvstore on {addr} is not serving; log:\n{}", p.log_tail(30));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

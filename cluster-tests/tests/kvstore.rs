@@ -1,0 +1,247 @@
+//! The kvstore as a process, against a real log cluster and sequencer: the MVCC scripts, crash
+//! recovery under load, logserver failover, fencing, checkpoints, timeouts.
+
+use bytes::Bytes;
+use cluster_tests::workload::{check_history, workload, History};
+use cluster_tests::{wait_until, System};
+use protocol::{Client, CommitOutcome, Response};
+use rand::Rng;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn render(cmd: &str, r: &Response) -> String {
+    let verb = cmd
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_ascii_uppercase();
+    match r {
+        Response::Ok(args) if verb == "BEGIN" && args.len() == 1 => "OK <ts>".into(),
+        Response::Committed(_) => "COMMITTED <ts>".into(),
+        r => String::from_utf8_lossy(&r.to_line()).into_owned(),
+    }
+}
+
+#[test]
+fn mvcc_scripts() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sys = rt.block_on(System::start(&[]));
+    let mut clients: HashMap<String, Client> = HashMap::new();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/mvcc.txt");
+    protocol::golden::check_script(&path, |input| {
+        let (name, cmd) = input.split_once(": ").expect("'> name: COMMAND'");
+        rt.block_on(async {
+            if !clients.contains_key(name) {
+                clients.insert(
+                    name.to_string(),
+                    Client::connect(sys.kv_addr).await.unwrap(),
+                );
+            }
+            let c = clients.get_mut(name).unwrap();
+            c.send(cmd.as_bytes());
+            let mut out = Vec::new();
+            loop {
+                let r = c.recv().await.unwrap();
+                out.push(render(cmd, &r));
+                if !matches!(r, Response::Kv(..)) {
+                    break;
+                }
+            }
+            out.join("\n")
+        })
+    });
+    drop(clients);
+    drop(sys);
+}
+
+async fn run_load_with(
+    sys: &mut System,
+    clients: u64,
+    fault: impl AsyncFnOnce(&mut System),
+) -> History {
+    let hist = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seed: u64 = rand::thread_rng().gen();
+    println!("seed {seed}");
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            tokio::spawn(workload(
+                sys.kv_addr,
+                c,
+                hist.clone(),
+                stop.clone(),
+                seed ^ c,
+            ))
+        })
+        .collect();
+    let committed = |h: &Arc<Mutex<History>>| {
+        h.lock()
+            .unwrap()
+            .outcomes
+            .values()
+            .filter(|o| **o == Some(true))
+            .count()
+    };
+    let h = hist.clone();
+    wait_until(
+        Duration::from_secs(30),
+        "200 commits before the fault",
+        || {
+            let h = h.clone();
+            async move { committed(&h) >= 200 }
+        },
+    )
+    .await;
+    fault(sys).await;
+    let before = committed(&hist);
+    let h = hist.clone();
+    wait_until(
+        Duration::from_secs(60),
+        "200 more commits after the fault",
+        || {
+            let h = h.clone();
+            async move { committed(&h) >= before + 200 }
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        t.await.expect("workload panicked");
+    }
+    let taken = std::mem::take(&mut *hist.lock().unwrap());
+    taken
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_kvstore_under_load_keeps_every_commit() {
+    let mut sys = System::start(&[]).await;
+    let hist = run_load_with(&mut sys, 8, async |s: &mut System| {
+        s.kill_kv();
+        s.start_kv().await;
+    })
+    .await;
+    println!("{}", hist.summary());
+    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+    // And once more from a cold start: everything comes back from the log alone.
+    sys.restart_kv().await;
+    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logserver_leader_failover_under_load_keeps_every_commit() {
+    let mut sys = System::start(&[]).await;
+    let hist = run_load_with(&mut sys, 8, async |s: &mut System| {
+        let l = s.log.wait_for_leader().await;
+        s.log.kill9(l);
+        s.log.wait_for_leader().await;
+        s.log.restart(l).await;
+    })
+    .await;
+    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+    sys.restart_kv().await;
+    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_kvstore_fences_the_first() {
+    let mut sys = System::start(&[]).await;
+    let mut old = Client::connect(sys.kv_addr).await.unwrap();
+    old.put("before", "old").await.unwrap();
+    let addr2 = cluster_tests::local(cluster_tests::free_port());
+    let _second = sys.spawn_kv(addr2).await;
+    let mut new = Client::connect(addr2).await.unwrap();
+    assert_eq!(new.get("before").await.unwrap(), Some(Bytes::from("old")));
+    new.put("after", "new").await.unwrap();
+    // The old kvstore finds the newer epoch in the log at its next commit and stops.
+    match old.call(b"PUT stale value").await.unwrap() {
+        Response::Err(e) => assert_eq!(e.code, protocol::ErrorCode::Fenced, "{e}"),
+        r => panic!("fenced kvstore answered {r:?}"),
+    }
+    assert_eq!(new.get("stale").await.unwrap(), None);
+    // A fresh start replays the same decision.
+    let addr3 = cluster_tests::local(cluster_tests::free_port());
+    let _third = sys.spawn_kv(addr3).await;
+    let mut third = Client::connect(addr3).await.unwrap();
+    assert_eq!(third.get("stale").await.unwrap(), None);
+    assert_eq!(third.get("after").await.unwrap(), Some(Bytes::from("new")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_compact_the_log_and_recovery_uses_them() {
+    let mut sys = System::start(&["--checkpoint-every", "50"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    for i in 0..300 {
+        c.put(format!("key{i:04}"), format!("value{i}"))
+            .await
+            .unwrap();
+    }
+    c.del("key0007").await.unwrap();
+    let addr = sys.log.replicas[0].dksp;
+    wait_until(
+        Duration::from_secs(30),
+        "a checkpoint to compact the log",
+        || async move {
+            cluster_tests::status(addr)
+                .await
+                .and_then(|s| s.get("first")?.parse::<u64>().ok())
+                .is_some_and(|f| f > 100)
+        },
+    )
+    .await;
+    sys.restart_kv().await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    let rows = c.scan("key", "key~", None).await.unwrap();
+    assert_eq!(rows.len(), 299);
+    assert_eq!(
+        c.get("key0299").await.unwrap(),
+        Some(Bytes::from("value299"))
+    );
+    assert_eq!(c.get("key0007").await.unwrap(), None);
+    let log = std::fs::read_to_string(sys.log.dir.path().join("kvstore-2.log")).unwrap();
+    assert!(
+        log.contains("loaded checkpoint"),
+        "recovery did not use the checkpoint:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transactions_time_out_and_oversized_lines_are_refused() {
+    let sys = System::start(&["--txn-timeout-secs", "1", "--max-line", "200"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.begin().await.unwrap();
+    c.put("t", "v").await.unwrap();
+    // The timeout itself is what is tested here.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        c.commit().await.unwrap(),
+        CommitOutcome::Aborted(vec![Bytes::from("TIMEOUT")])
+    );
+    assert_eq!(c.get("t").await.unwrap(), None);
+    let long = format!("PUT k {}", "x".repeat(1000));
+    match c.call(long.as_bytes()).await.unwrap() {
+        Response::Err(e) => assert_eq!(e.code, protocol::ErrorCode::TooLarge),
+        r => panic!("{r:?}"),
+    }
+    c.put("k", "fine").await.unwrap();
+    assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("fine")));
+    // A connection that closes mid-transaction aborts it.
+    let mut d = Client::connect(sys.kv_addr).await.unwrap();
+    d.begin().await.unwrap();
+    d.put("dropped", "x").await.unwrap();
+    drop(d);
+    let addr = sys.kv_addr;
+    wait_until(
+        Duration::from_secs(5),
+        "the dropped transaction to be released",
+        || async move {
+            cluster_tests::status(addr)
+                .await
+                .is_some_and(|s| s["open_txns"] == "0")
+        },
+    )
+    .await;
+    assert_eq!(c.get("dropped").await.unwrap(), None);
+    let _ = AtomicU64::new(0);
+}
