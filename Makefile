@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test lint bench-seq bench-log clean
+.PHONY: run stop status cluster build test lint drill bench-seq bench-log clean
 
 DATA ?= ./data
 
@@ -26,6 +26,10 @@ cluster: build
 test:
 	cargo build --workspace --bins
 	cargo test --workspace
+
+## Recovery drill against the running system: kill -9 the kvstore and the log leader under load.
+drill: run
+	DATA=$(DATA) ./target/release/dtkv-drill --data $(DATA)
 
 lint:
 	cargo fmt --all -- --check

@@ -26,6 +26,7 @@ pub struct History {
 /// up as own keys that disagree.
 pub async fn workload(
     addr: std::net::SocketAddr,
+    prefix: String,
     c: u64,
     hist: Arc<Mutex<History>>,
     stop: Arc<AtomicBool>,
@@ -48,10 +49,12 @@ pub async fn workload(
             let result: Result<CommitOutcome, ClientError> = async {
                 conn.begin().await?;
                 for k in 0..3 {
-                    conn.put(format!("own-{c}-{k}"), value.clone()).await?;
+                    conn.put(format!("{prefix}own-{c}-{k}"), value.clone())
+                        .await?;
                 }
-                conn.get(format!("hot-{hot}")).await?;
-                conn.put(format!("hot-{hot}"), value.clone()).await?;
+                conn.get(format!("{prefix}hot-{hot}")).await?;
+                conn.put(format!("{prefix}hot-{hot}"), value.clone())
+                    .await?;
                 conn.commit().await
             }
             .await;
@@ -79,6 +82,7 @@ fn parse_value(v: &Bytes) -> Result<(u64, u64), String> {
 /// Every committed transaction is present; nothing aborted is; each is all-or-nothing.
 pub async fn check_history(
     addr: std::net::SocketAddr,
+    prefix: &str,
     hist: &History,
     clients: u64,
 ) -> Result<(), String> {
@@ -88,7 +92,7 @@ pub async fn check_history(
             let mut v = Vec::new();
             for k in 0..3 {
                 v.push(
-                    c.get(format!("own-{client}-{k}"))
+                    c.get(format!("{prefix}own-{client}-{k}"))
                         .await
                         .map_err(|e| e.to_string())?,
                 );

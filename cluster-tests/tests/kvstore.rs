@@ -69,6 +69,7 @@ async fn run_load_with(
         .map(|c| {
             tokio::spawn(workload(
                 sys.kv_addr,
+                String::new(),
                 c,
                 hist.clone(),
                 stop.clone(),
@@ -123,10 +124,10 @@ async fn kill9_kvstore_under_load_keeps_every_commit() {
     })
     .await;
     println!("{}", hist.summary());
-    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+    check_history(sys.kv_addr, "", &hist, 8).await.unwrap();
     // And once more from a cold start: everything comes back from the log alone.
     sys.restart_kv().await;
-    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+    check_history(sys.kv_addr, "", &hist, 8).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,9 +140,9 @@ async fn logserver_leader_failover_under_load_keeps_every_commit() {
         s.log.restart(l).await;
     })
     .await;
-    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+    check_history(sys.kv_addr, "", &hist, 8).await.unwrap();
     sys.restart_kv().await;
-    check_history(sys.kv_addr, &hist, 8).await.unwrap();
+    check_history(sys.kv_addr, "", &hist, 8).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

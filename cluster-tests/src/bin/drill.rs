@@ -1,0 +1,182 @@
+//! `make drill`: a recovery drill against the system `make run` started.
+//!
+//! Runs a transactional workload (see `cluster_tests::workload`) on the kvstore, `kill -9`s a
+//! process in the middle of it (the kvstore, then the logserver leader), restarts it with
+//! `scripts/dtkv.sh`, keeps the load going, and checks that every `COMMITTED` transaction is
+//! there, all or nothing, and nothing aborted is. Keys are written under `drill/<run>/`.
+
+use clap::Parser;
+use cluster_tests::workload::{check_history, workload, History};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Recovery drill against a running dtkv (make run)")]
+struct Args {
+    #[arg(long, default_value = "127.0.0.1:10000")]
+    kv: SocketAddr,
+    /// The data directory `make run` uses (pid files are under it).
+    #[arg(long, default_value = "data")]
+    data: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    clients: u64,
+    /// Seconds of load before and after each fault.
+    #[arg(long, default_value_t = 3)]
+    seconds: u64,
+}
+
+fn pid_of(data: &std::path::Path, name: &str) -> Option<i32> {
+    std::fs::read_to_string(data.join("pids").join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn kill9(pid: i32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+fn restart(data: &std::path::Path, name: &str) -> Result<(), String> {
+    let status = std::process::Command::new("scripts/dtkv.sh")
+        .args(["start", name])
+        .env("DATA", data)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("running scripts/dtkv.sh: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("scripts/dtkv.sh start {name} failed"))
+    }
+}
+
+async fn serving(addr: SocketAddr) -> bool {
+    cluster_tests::status(addr)
+        .await
+        .is_some_and(|s| s.get("state").map(String::as_str) == Some("serving"))
+}
+
+async fn log_leader() -> Option<String> {
+    for (name, port) in [("log-1", 10002), ("log-2", 10012), ("log-3", 10022)] {
+        if let Some(s) = cluster_tests::status(cluster_tests::local(port)).await {
+            if s.get("role").map(String::as_str) == Some("leader") {
+                return Some(name.to_string());
+            }
+        }
+    }
+    None
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    if !serving(args.kv).await {
+        eprintln!(
+            "drill: no kvstore serving on {}; start the system with `make run`",
+            args.kv
+        );
+        std::process::exit(2);
+    }
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let prefix = format!("drill/{run}/");
+    let hist = Arc::new(Mutex::new(History::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|c| {
+            tokio::spawn(workload(
+                args.kv,
+                prefix.clone(),
+                c,
+                hist.clone(),
+                stop.clone(),
+                run ^ c,
+            ))
+        })
+        .collect();
+    let load = Duration::from_secs(args.seconds);
+    let mut report = Vec::new();
+    let mut failed = false;
+    for fault in ["kvstore", "log leader"] {
+        tokio::time::sleep(load).await;
+        let name = match fault {
+            "kvstore" => Some("kvstore".to_string()),
+            _ => log_leader().await,
+        };
+        let Some(name) = name else {
+            report.push(format!("{fault}: not found, skipped"));
+            continue;
+        };
+        let Some(pid) = pid_of(&args.data, &name) else {
+            report.push(format!("{fault}: no pid file for {name}, skipped"));
+            continue;
+        };
+        let killed = Instant::now();
+        kill9(pid);
+        // A killed process may linger as a zombie; the script treats those as down.
+        if let Err(e) = restart(&args.data, &name) {
+            report.push(format!("{fault}: {e}"));
+            failed = true;
+            continue;
+        }
+        // A write issued after the kill: acknowledged only once the system is whole again.
+        let mut back = None;
+        while killed.elapsed() < Duration::from_secs(60) {
+            if let Ok(Ok(mut c)) =
+                tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(args.kv))
+                    .await
+            {
+                let key = format!("{prefix}probe");
+                if let Ok(Ok(())) =
+                    tokio::time::timeout(Duration::from_secs(30), c.put(key, "x")).await
+                {
+                    back = Some(killed.elapsed());
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match back {
+            Some(t) => report.push(format!(
+                "kill -9 {name} (pid {pid}): a new write committed {:.0} ms after the kill",
+                t.as_secs_f64() * 1000.0
+            )),
+            None => {
+                report.push(format!("kill -9 {name}: no commit within 60 s"));
+                failed = true;
+            }
+        }
+    }
+    tokio::time::sleep(load).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let hist = std::mem::take(&mut *hist.lock().unwrap_or_else(|p| p.into_inner()));
+    println!("\ndrill: {} clients, keys under {prefix}", args.clients);
+    for line in &report {
+        println!("  {line}");
+    }
+    println!("  {}", hist.summary());
+    match check_history(args.kv, &prefix, &hist, args.clients).await {
+        Ok(()) if !failed => println!(
+            "PASS: every committed transaction is present, all or nothing; no aborted write is visible"
+        ),
+        Ok(()) => {
+            println!("FAIL: see above");
+            std::process::exit(1);
+        }
+        Err(e) => {
+            println!("FAIL: {e}");
+            std::process::exit(1);
+        }
+    }
+}
