@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test lint drill bench-seq bench-log clean
+.PHONY: run stop status cluster build test lint drill bench-seq bench-log bench-kv clean
 
 DATA ?= ./data
 
@@ -40,6 +40,9 @@ bench-seq:
 
 bench-log: build
 	cargo bench -p cluster-tests --bench logserver
+
+bench-kv: build
+	cargo bench -p cluster-tests --bench kvstore
 
 clean: stop
 	rm -rf $(DATA)

@@ -227,6 +227,22 @@ async fn idle_transactions_time_out_and_oversized_lines_are_refused() {
     }
     c.put("k", "fine").await.unwrap();
     assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("fine")));
+    // Pipelined autocommit writes are answered in order, and a read after them sees them all.
+    let mut p = Client::connect(sys.kv_addr).await.unwrap();
+    for i in 0..500 {
+        p.send(format!("PUT pipe{i:03} v{i}").as_bytes());
+    }
+    p.send(b"DEL pipe000");
+    p.send(b"GET pipe499");
+    p.send(b"SCAN pipe pipe~ LIMIT 2");
+    p.flush().await.unwrap();
+    for _ in 0..501 {
+        assert_eq!(p.recv().await.unwrap(), Response::ok());
+    }
+    assert_eq!(p.recv().await.unwrap(), Response::Value("v499".into()));
+    assert_eq!(p.recv().await.unwrap(), Response::Kv("pipe001".into(), "v1".into()));
+    assert_eq!(p.recv().await.unwrap(), Response::Kv("pipe002".into(), "v2".into()));
+    assert_eq!(p.recv().await.unwrap(), Response::End);
     // A connection that closes mid-transaction aborts it.
     let mut d = Client::connect(sys.kv_addr).await.unwrap();
     d.begin().await.unwrap();

@@ -5,15 +5,19 @@
 //! *in flight* happen in the same critical section, so there is no moment when a timestamp is
 //! taken but invisible.
 //!
-//! **Snapshots.** `BEGIN` takes a start timestamp `s`, then waits until every in-flight commit
-//! with a timestamp below `s` has been applied (or failed). From then on the store holds every
-//! commit below `s`, so reads at `s` are a stable snapshot: this is how a reader never skips a
-//! commit that has its timestamp but is not applied yet. The wait is at most one log round trip.
+//! **Snapshots.** `BEGIN` takes a start timestamp `s`. A read of key `k` at `s` first waits
+//! until no in-flight commit below `s` writes `k` (a scan: none writes into its range). Any
+//! commit that could still get a timestamp below `s` already has it and is registered, so after
+//! the wait the store holds every commit below `s` that touches what is read, and reads at `s`
+//! are a stable snapshot: a reader never skips a commit that has its timestamp but is not
+//! applied yet. The wait, when there is one, is at most one log round trip.
 //!
 //! **First committer wins.** `COMMIT` checks, in that same critical section, each written key
 //! against the newest committed version (newer than `s` means someone committed after we
-//! started) and against the in-flight commits (someone is committing it now, and was first).
-//! Either aborts with `CONFLICT <key>`. Otherwise the commit gets its timestamp and is queued.
+//! started) and against in-flight commits newer than `s` (someone concurrent is committing it
+//! now, and was first). Either aborts with `CONFLICT <key>`. Otherwise the commit gets its
+//! timestamp and is queued. A single-statement `PUT`/`DEL` reads nothing, so it needs no
+//! snapshot: its start is its commit timestamp and it never conflicts.
 //!
 //! **The committer** takes everything queued, writes it as one log entry (one `APPEND`: group
 //! commit), and once the log has it on a majority of replicas applies it to the store, in log
@@ -56,6 +60,13 @@ pub enum EngineError {
     Fenced(u64),
 }
 
+/// A commit handed to the committer, or refused on the spot.
+pub enum Submitted {
+    Conflict(Bytes),
+    /// Queued with this commit timestamp; the receiver says when it is durable.
+    Queued(u64, oneshot::Receiver<Result<(), EngineError>>),
+}
+
 /// How a commit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -84,7 +95,8 @@ struct TxnState {
     end: u64,
     /// Commits with a timestamp, not yet applied: ts -> keys.
     inflight: BTreeMap<u64, Vec<Bytes>>,
-    inflight_keys: HashMap<Bytes, u64>,
+    /// Key -> timestamps of the in-flight commits writing it (several only for blind writes).
+    inflight_keys: HashMap<Bytes, Vec<u64>>,
     /// Start timestamps of open transactions (with counts), for the GC watermark.
     active: BTreeMap<u64, usize>,
 }
@@ -260,22 +272,30 @@ impl Engine {
         }
     }
 
-    /// Starts a snapshot: returns its timestamp once every commit below it is applied. The
-    /// caller must `end_snapshot` it.
+    /// Starts a snapshot and returns its timestamp. The caller must `end_snapshot` it. Reads
+    /// at the snapshot go through `get`/`scan`, which wait for the in-flight commits below it
+    /// that touch what they read.
     pub async fn begin(&self) -> Result<u64, EngineError> {
         self.check_serving()?;
-        let s = self
-            .with_ts(|t, ts| {
-                *t.active.entry(ts).or_default() += 1;
-                ts
-            })
-            .await?;
+        self.with_ts(|t, ts| {
+            *t.active.entry(ts).or_default() += 1;
+            ts
+        })
+        .await
+    }
+
+    /// Waits until no in-flight commit below `s` writes a key that `touches` selects.
+    async fn wait_inflight(&self, s: u64, touches: impl Fn(&[u8]) -> bool) {
         loop {
             let resolved = self.resolved.notified();
             tokio::pin!(resolved);
             resolved.as_mut().enable();
-            if lock(&self.txns).inflight.range(..s).next().is_none() {
-                return Ok(s);
+            let blocked = lock(&self.txns)
+                .inflight
+                .range(..s)
+                .any(|(_, keys)| keys.iter().any(|k| touches(k)));
+            if !blocked {
+                return;
             }
             resolved.await;
         }
@@ -291,46 +311,87 @@ impl Engine {
         }
     }
 
-    pub fn get(&self, key: &[u8], s: u64) -> Option<Bytes> {
+    /// `key` as of snapshot `s`, once no commit below `s` that writes it is still in flight.
+    pub async fn get(&self, key: &[u8], s: u64) -> Option<Bytes> {
+        let waits = lock(&self.txns)
+            .inflight_keys
+            .get(key)
+            .is_some_and(|tss| tss.iter().any(|&t| t < s));
+        if waits {
+            self.wait_inflight(s, |k| k == key).await;
+        }
         self.store
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(key, s)
     }
 
-    pub fn scan(&self, start: &[u8], end: &[u8], s: u64, limit: usize) -> Vec<(Bytes, Bytes)> {
+    /// Rows of `[start, end)` as of snapshot `s` (after the in-flight commits below `s` that
+    /// write into the range).
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        s: u64,
+        limit: usize,
+    ) -> Vec<(Bytes, Bytes)> {
+        self.wait_inflight(s, |k| k >= start && k < end).await;
         self.store
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .scan(start, end, s, limit)
     }
 
-    /// Commits writes made on the snapshot `start_ts` (first committer wins).
+    /// Commits writes made on the snapshot `start_ts` (first committer wins). `start_ts` None
+    /// is a blind single-statement write: it reads nothing, so its snapshot is its commit
+    /// timestamp, nothing can commit in between, and it never conflicts.
     pub async fn commit(
         &self,
-        start_ts: u64,
+        start_ts: Option<u64>,
         writes: Vec<(Bytes, Option<Bytes>)>,
     ) -> Result<Outcome, EngineError> {
+        match self.submit(start_ts, writes).await? {
+            Submitted::Conflict(key) => Ok(Outcome::Conflict(key)),
+            Submitted::Queued(ts, rx) => match rx.await {
+                Ok(Ok(())) => Ok(Outcome::Committed(ts)),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(EngineError::Unavailable("committer stopped".into())),
+            },
+        }
+    }
+
+    /// The first half of `commit`: decides conflicts, takes the timestamp and queues the
+    /// commit, without waiting for the log. Commits submitted one after another reach the log
+    /// in that order, so a session can pipeline writes and still read them back in order.
+    pub async fn submit(
+        &self,
+        start_ts: Option<u64>,
+        writes: Vec<(Bytes, Option<Bytes>)>,
+    ) -> Result<Submitted, EngineError> {
         self.check_serving()?;
         let keys: Vec<Bytes> = writes.iter().map(|(k, _)| k.clone()).collect();
         let decided = self
             .with_ts(|t, ts| {
-                for k in &keys {
-                    if t.inflight_keys.contains_key(k) {
-                        return Err(k.clone());
+                if let Some(start) = start_ts {
+                    for k in &keys {
+                        let racing = t
+                            .inflight_keys
+                            .get(k)
+                            .is_some_and(|tss| tss.iter().any(|&c| c > start));
+                        if racing {
+                            return Err(k.clone());
+                        }
                     }
-                }
-                {
                     let store = self.store.read().unwrap_or_else(|p| p.into_inner());
                     for k in &keys {
-                        if store.latest_ts(k).is_some_and(|c| c > start_ts) {
+                        if store.latest_ts(k).is_some_and(|c| c > start) {
                             return Err(k.clone());
                         }
                     }
                 }
                 t.inflight.insert(ts, keys.clone());
                 for k in &keys {
-                    t.inflight_keys.insert(k.clone(), ts);
+                    t.inflight_keys.entry(k.clone()).or_default().push(ts);
                 }
                 Ok(ts)
             })
@@ -338,7 +399,7 @@ impl Engine {
         // A conflict wastes one timestamp of the local block; nothing else saw it.
         let ts = match decided {
             Ok(ts) => ts,
-            Err(key) => return Ok(Outcome::Conflict(key)),
+            Err(key) => return Ok(Submitted::Conflict(key)),
         };
         let (reply, rx) = oneshot::channel();
         let record = Record::Commit {
@@ -355,11 +416,7 @@ impl Engine {
             self.resolve(&[ts]);
             return Err(EngineError::Unavailable("committer stopped".into()));
         }
-        match rx.await {
-            Ok(Ok(())) => Ok(Outcome::Committed(ts)),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(EngineError::Unavailable("committer stopped".into())),
-        }
+        Ok(Submitted::Queued(ts, rx))
     }
 
     /// Removes commits from the in-flight set and wakes waiting snapshots.
@@ -369,8 +426,11 @@ impl Engine {
             for ts in tss {
                 if let Some(keys) = t.inflight.remove(ts) {
                     for k in keys {
-                        if t.inflight_keys.get(&k) == Some(ts) {
-                            t.inflight_keys.remove(&k);
+                        if let Some(tss) = t.inflight_keys.get_mut(&k) {
+                            tss.retain(|c| c != ts);
+                            if tss.is_empty() {
+                                t.inflight_keys.remove(&k);
+                            }
                         }
                     }
                 }

@@ -6,7 +6,7 @@
 //! a transaction idle for longer than the timeout is aborted so it cannot pin old versions.
 
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -14,10 +14,8 @@ use tokio_util::sync::CancellationToken;
 use protocol::kv::Request;
 use protocol::{Connection, ErrorCode, Frame, Response};
 
-use crate::engine::{Engine, EngineError, Mode, Outcome};
-
-/// Attempts of an autocommit write that keeps meeting a concurrent writer of its key.
-const AUTOCOMMIT_RETRIES: usize = 100;
+use crate::engine::{Engine, EngineError, Mode, Outcome, Submitted};
+use tokio::sync::oneshot;
 
 struct Txn {
     start_ts: u64,
@@ -113,7 +111,7 @@ impl Session {
                     Ok(Outcome::Committed(start))
                 } else {
                     self.engine
-                        .commit(start, txn.writes.into_iter().collect())
+                        .commit(Some(start), txn.writes.into_iter().collect())
                         .await
                 };
                 self.engine.end_snapshot(start);
@@ -130,14 +128,13 @@ impl Session {
                     if let Some(w) = t.writes.get(&key) {
                         return one(w.clone().map_or(Response::Nil, Response::Value));
                     }
-                    return one(self
-                        .engine
-                        .get(&key, t.start_ts)
-                        .map_or(Response::Nil, Response::Value));
+                    let start = t.start_ts;
+                    let v = self.engine.get(&key, start).await;
+                    return one(v.map_or(Response::Nil, Response::Value));
                 }
                 match self.engine.begin().await {
                     Ok(s) => {
-                        let v = self.engine.get(&key, s);
+                        let v = self.engine.get(&key, s).await;
                         self.engine.end_snapshot(s);
                         one(v.map_or(Response::Nil, Response::Value))
                     }
@@ -147,10 +144,10 @@ impl Session {
             Request::Scan { start, end, limit } => {
                 let limit = limit.map_or(usize::MAX, |l| l.min(usize::MAX as u64) as usize);
                 let rows = match &self.txn {
-                    Some(t) => merge_scan(&self.engine, t, &start, &end, limit),
+                    Some(t) => merge_scan(&self.engine, t, &start, &end, limit).await,
                     None => match self.engine.begin().await {
                         Ok(s) => {
-                            let rows = self.engine.scan(&start, &end, s, limit);
+                            let rows = self.engine.scan(&start, &end, s, limit).await;
                             self.engine.end_snapshot(s);
                             rows
                         }
@@ -172,27 +169,11 @@ impl Session {
             t.writes.insert(key, value);
             return Response::ok();
         }
-        // Autocommit: a blind write, retried if a concurrent writer of the key got there first.
-        for _ in 0..AUTOCOMMIT_RETRIES {
-            let s = match self.engine.begin().await {
-                Ok(s) => s,
-                Err(e) => return engine_err(e),
-            };
-            let r = self
-                .engine
-                .commit(s, vec![(key.clone(), value.clone())])
-                .await;
-            self.engine.end_snapshot(s);
-            match r {
-                Ok(Outcome::Committed(_)) => return Response::ok(),
-                Ok(Outcome::Conflict(_)) => continue,
-                Err(e) => return engine_err(e),
-            }
+        // Autocommit: a blind write, which never conflicts (see Engine::commit).
+        match self.engine.commit(None, vec![(key, value)]).await {
+            Ok(_) => Response::ok(),
+            Err(e) => engine_err(e),
         }
-        Response::err(
-            ErrorCode::Unavailable,
-            "the key is under constant concurrent writes; retry",
-        )
     }
 
     fn status(&self) -> Response {
@@ -238,7 +219,7 @@ impl Session {
 }
 
 /// The snapshot's rows in `[start, end)` with the transaction's own writes on top.
-fn merge_scan(
+async fn merge_scan(
     engine: &Engine,
     t: &Txn,
     start: &[u8],
@@ -256,7 +237,9 @@ fn merge_scan(
         ))
         .collect();
     // Own deletes can hide snapshot rows, so fetch enough to still fill `limit`.
-    let base = engine.scan(start, end, t.start_ts, limit.saturating_add(own.len()));
+    let base = engine
+        .scan(start, end, t.start_ts, limit.saturating_add(own.len()))
+        .await;
     let mut merged: BTreeMap<Bytes, Bytes> = base.into_iter().collect();
     for (k, v) in own {
         match v {
@@ -267,7 +250,37 @@ fn merge_scan(
     merged.into_iter().take(limit).collect()
 }
 
-/// Serves one connection.
+/// A reply that may still be waiting for the log.
+enum Pending {
+    Ready(Response),
+    Waiting(oneshot::Receiver<Result<(), EngineError>>),
+}
+
+fn write_reply(r: Result<Result<(), EngineError>, oneshot::error::RecvError>) -> Response {
+    match r {
+        Ok(Ok(())) => Response::ok(),
+        Ok(Err(e)) => engine_err(e),
+        Err(_) => Response::err(ErrorCode::Unavailable, "committer stopped"),
+    }
+}
+
+/// Requests one connection may have waiting for the log.
+const MAX_PIPELINE: usize = 4096;
+
+/// Writes every pending reply, waiting for those still in the log.
+async fn drain(conn: &mut Connection, pending: &mut VecDeque<Pending>) {
+    while let Some(p) = pending.pop_front() {
+        let r = match p {
+            Pending::Ready(r) => r,
+            Pending::Waiting(rx) => write_reply(rx.await),
+        };
+        conn.write_response(&r);
+    }
+}
+
+/// Serves one connection. Autocommit `PUT`/`DEL`s are pipelined: they are queued to the log
+/// at once and their `OK`s go out in order as the log acknowledges them. Any other request
+/// first waits for those, so a session always reads its own writes.
 pub async fn handle(
     mut conn: Connection,
     engine: Arc<Engine>,
@@ -275,16 +288,46 @@ pub async fn handle(
     shutdown: CancellationToken,
 ) {
     let mut session = Session::new(engine);
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     loop {
+        while let Some(front) = pending.front_mut() {
+            let r = match front {
+                Pending::Ready(r) => r.clone(),
+                Pending::Waiting(rx) => match rx.try_recv() {
+                    Ok(r) => write_reply(Ok(r)),
+                    Err(oneshot::error::TryRecvError::Empty) => break,
+                    Err(oneshot::error::TryRecvError::Closed) => {
+                        Response::err(ErrorCode::Unavailable, "committer stopped")
+                    }
+                },
+            };
+            conn.write_response(&r);
+            pending.pop_front();
+        }
+        let can_read = pending.len() < MAX_PIPELINE;
+        let idle = !pending.is_empty() && !conn.has_buffered_line();
+        if (idle || !can_read) && conn.flush().await.is_err() {
+            return;
+        }
+        let head_waiting = matches!(pending.front(), Some(Pending::Waiting(_)));
         let frame = tokio::select! {
             _ = shutdown.cancelled() => break,
+            r = async {
+                match pending.front_mut() {
+                    Some(Pending::Waiting(rx)) => rx.await,
+                    _ => std::future::pending().await,
+                }
+            }, if head_waiting => {
+                pending[0] = Pending::Ready(write_reply(r));
+                continue;
+            }
             f = async {
                 if session.txn.is_some() {
                     tokio::time::timeout(idle_timeout, conn.read_frame()).await
                 } else {
                     Ok(conn.read_frame().await)
                 }
-            } => f,
+            }, if can_read => f,
         };
         let line = match frame {
             Err(_elapsed) => {
@@ -295,7 +338,7 @@ pub async fn handle(
             }
             Ok(Ok(Some(Frame::Line(line)))) => line,
             Ok(Ok(Some(Frame::TooLong))) => {
-                conn.write_response(&Response::too_large(conn.max_line()));
+                pending.push_back(Pending::Ready(Response::too_large(conn.max_line())));
                 continue;
             }
             Ok(Ok(None)) | Ok(Err(_)) => break,
@@ -304,10 +347,31 @@ pub async fn handle(
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
-                conn.write_response(&Response::Err(e));
+                pending.push_back(Pending::Ready(Response::Err(e)));
                 continue;
             }
         };
+        let autocommit_write = session.txn.is_none()
+            && !session.timed_out
+            && matches!(req, Request::Put { .. } | Request::Del { .. });
+        if autocommit_write {
+            let write = match req {
+                Request::Put { key, value } => (key, Some(value)),
+                Request::Del { key } => (key, None),
+                _ => continue,
+            };
+            match session.engine.submit(None, vec![write]).await {
+                Ok(Submitted::Queued(_, rx)) => pending.push_back(Pending::Waiting(rx)),
+                // Blind writes never conflict; answer as a commit would, to be safe.
+                Ok(Submitted::Conflict(_)) => pending.push_back(Pending::Ready(Response::err(
+                    ErrorCode::Unavailable,
+                    "conflict on a blind write; retry",
+                ))),
+                Err(e) => pending.push_back(Pending::Ready(engine_err(e))),
+            }
+            continue;
+        }
+        drain(&mut conn, &mut pending).await;
         let quit = matches!(req, Request::Quit);
         for r in session.execute(req).await {
             conn.write_response(&r);
@@ -316,5 +380,6 @@ pub async fn handle(
             break;
         }
     }
+    drain(&mut conn, &mut pending).await;
     let _ = conn.shutdown().await;
 }

@@ -1,0 +1,238 @@
+//! Kvstore throughput and recovery: `make bench-kv`.
+//!
+//! Starts a whole system (3 log replicas, sequencer, kvstore; release binaries, temp dirs) and
+//! measures, 3 s per row: autocommit PUT and GET, and a read-modify-write transaction (BEGIN,
+//! GET a, GET b, PUT a, PUT b, COMMIT) over 10,000 keys with uniform and zipfian (s = 0.99)
+//! key choice, at 1, 16 and 64 clients with one request in flight each (plus pipelined GETs).
+//! Then loads 1,000,000 keys (16-byte keys, 100-byte values), reports the kvstore's memory per
+//! key, kills it with SIGKILL and times the restart to serving (checkpoint load + replay).
+//! Everything shares this machine's two cores: compare rows of one run.
+
+use bytes::Bytes;
+use cluster_tests::System;
+use protocol::{Client, CommitOutcome, Response};
+use rand::{Rng, SeedableRng};
+use std::time::{Duration, Instant};
+
+const SECONDS: f64 = 3.0;
+const KEYS: usize = 10_000;
+
+fn pct(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+/// Zipfian sampler over `0..n` by inverse CDF.
+struct Zipf(Vec<f64>);
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n);
+        let mut sum = 0.0;
+        for i in 1..=n {
+            sum += 1.0 / (i as f64).powf(s);
+            cdf.push(sum);
+        }
+        cdf.iter_mut().for_each(|c| *c /= sum);
+        Zipf(cdf)
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> usize {
+        let u: f64 = rng.gen();
+        self.0.partition_point(|&c| c < u).min(self.0.len() - 1)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Work {
+    Put,
+    Get,
+    Rmw { zipf: bool },
+}
+
+struct RowResult {
+    ops: usize,
+    aborts: usize,
+    lat: Vec<u32>,
+    elapsed: f64,
+}
+
+async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usize) -> RowResult {
+    let zipf = std::sync::Arc::new(Zipf::new(KEYS, 0.99));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(SECONDS);
+    let tasks: Vec<_> = (0..clients)
+        .map(|w| {
+            let zipf = zipf.clone();
+            tokio::spawn(async move {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
+                let mut c = Client::connect(addr).await.expect("connect");
+                let (mut ops, mut aborts, mut lat) = (0usize, 0usize, Vec::new());
+                match work {
+                    Work::Put | Work::Get => {
+                        let mut inflight = std::collections::VecDeque::new();
+                        loop {
+                            let now = Instant::now();
+                            if now < deadline {
+                                while inflight.len() < depth {
+                                    let k = rng.gen_range(0..KEYS);
+                                    let line = match work {
+                                        Work::Put => format!("PUT key{k:07} value-{w}-{ops}"),
+                                        _ => format!("GET key{k:07}"),
+                                    };
+                                    c.send(line.as_bytes());
+                                    inflight.push_back(now);
+                                }
+                            } else if inflight.is_empty() {
+                                break;
+                            }
+                            match c.recv().await.expect("reply") {
+                                Response::Err(e) => panic!("{e}"),
+                                _ => ops += 1,
+                            }
+                            let t0 = inflight.pop_front().expect("in flight");
+                            lat.push(t0.elapsed().as_micros() as u32);
+                        }
+                    }
+                    Work::Rmw { zipf: z } => {
+                        while Instant::now() < deadline {
+                            let pick = |rng: &mut rand::rngs::StdRng| {
+                                if z {
+                                    zipf.sample(rng)
+                                } else {
+                                    rng.gen_range(0..KEYS)
+                                }
+                            };
+                            let (a, b) = (pick(&mut rng), pick(&mut rng));
+                            let t0 = Instant::now();
+                            c.begin().await.expect("begin");
+                            let va = c.get(format!("key{a:07}")).await.expect("get");
+                            let vb = c.get(format!("key{b:07}")).await.expect("get");
+                            let bump =
+                                |v: Option<Bytes>| format!("{}x", v.map_or(0, |v| v.len() % 50));
+                            c.put(format!("key{a:07}"), bump(va)).await.expect("put");
+                            c.put(format!("key{b:07}"), bump(vb)).await.expect("put");
+                            match c.commit().await.expect("commit") {
+                                CommitOutcome::Committed(_) => ops += 1,
+                                CommitOutcome::Aborted(_) => aborts += 1,
+                            }
+                            lat.push(t0.elapsed().as_micros() as u32);
+                        }
+                    }
+                }
+                (ops, aborts, lat)
+            })
+        })
+        .collect();
+    let mut r = RowResult {
+        ops: 0,
+        aborts: 0,
+        lat: Vec::new(),
+        elapsed: 0.0,
+    };
+    for t in tasks {
+        let (o, a, l) = t.await.expect("client");
+        r.ops += o;
+        r.aborts += a;
+        r.lat.extend(l);
+    }
+    r.elapsed = start.elapsed().as_secs_f64();
+    r.lat.sort_unstable();
+    r
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut sys = System::start(&[]).await;
+        let addr = sys.kv_addr;
+        // Preload the 10,000 keys so GETs find values.
+        run(addr, Work::Put, 16, 32).await;
+        println!("\nkvstore, 3 log replicas, {SECONDS} s per row, {KEYS} keys\n");
+        println!("| workload | clients | in flight | ops/s | abort rate | p50 µs | p99 µs |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        let rows: Vec<(&str, Work, usize, usize)> = vec![
+            ("autocommit PUT", Work::Put, 1, 1),
+            ("autocommit PUT", Work::Put, 16, 1),
+            ("autocommit PUT", Work::Put, 64, 1),
+            ("autocommit GET", Work::Get, 1, 1),
+            ("autocommit GET", Work::Get, 16, 1),
+            ("autocommit GET", Work::Get, 64, 1),
+            ("autocommit GET", Work::Get, 64, 16),
+            ("RMW txn, uniform", Work::Rmw { zipf: false }, 1, 1),
+            ("RMW txn, uniform", Work::Rmw { zipf: false }, 16, 1),
+            ("RMW txn, uniform", Work::Rmw { zipf: false }, 64, 1),
+            ("RMW txn, zipfian", Work::Rmw { zipf: true }, 16, 1),
+            ("RMW txn, zipfian", Work::Rmw { zipf: true }, 64, 1),
+        ];
+        for (name, work, clients, depth) in rows {
+            let r = run(addr, work, clients, depth).await;
+            let total = r.ops + r.aborts;
+            println!(
+                "| {name} | {clients} | {depth} | {:.0} | {:.1}% | {} | {} |",
+                r.ops as f64 / r.elapsed,
+                if total > 0 { 100.0 * r.aborts as f64 / total as f64 } else { 0.0 },
+                pct(&r.lat, 0.5),
+                pct(&r.lat, 0.99)
+            );
+        }
+
+        // 1M keys: memory per key, then restart time.
+        let n: usize = std::env::var("BENCH_KV_KEYS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+        let value = "v".repeat(100);
+        let load_start = Instant::now();
+        let per = n / 16;
+        let loaders: Vec<_> = (0..16)
+            .map(|w| {
+                let value = value.clone();
+                tokio::spawn(async move {
+                    let mut c = Client::connect(addr).await.expect("connect");
+                    let mut sent = 0;
+                    let mut got = 0;
+                    while got < per {
+                        while sent < per && sent - got < 256 {
+                            c.send(format!("PUT big:{:010} {value}", w * per + sent).as_bytes());
+                            sent += 1;
+                        }
+                        match c.recv().await.expect("reply") {
+                            Response::Ok(_) => got += 1,
+                            r => panic!("{r:?}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for l in loaders {
+            l.await.expect("loader");
+        }
+        let load_s = load_start.elapsed().as_secs_f64();
+        let pid = sys.kv.as_ref().and_then(|p| p.pid()).unwrap_or(0);
+        let st = cluster_tests::status(addr).await.unwrap_or_default();
+        let keys: f64 = st.get("keys").and_then(|v| v.parse().ok()).unwrap_or(1.0);
+        let rss = rss_kib(pid) as f64 * 1024.0;
+        println!("\nloaded {n} keys (16-byte keys, 100-byte values) with pipelined PUTs in {load_s:.1} s ({:.0} PUT/s)", n as f64 / load_s);
+        println!("kvstore RSS {:.0} MiB for {keys:.0} keys: {:.0} bytes per key", rss / 1048576.0, rss / keys);
+        let killed = Instant::now();
+        sys.restart_kv().await;
+        let took = killed.elapsed();
+        let log = std::fs::read_to_string(sys.log.dir.path().join("kvstore-2.log")).unwrap_or_default();
+        let replay = log.lines().find(|l| l.contains("replayed")).unwrap_or("").to_string();
+        let ckpt = log.lines().find(|l| l.contains("loaded checkpoint")).unwrap_or("(no checkpoint)").to_string();
+        println!("kill -9 and restart: serving again {:.2} s after the kill", took.as_secs_f64());
+        println!("  {}", ckpt.split("kvstore::engine: ").last().unwrap_or(""));
+        println!("  {}", replay.split("kvstore::engine: ").last().unwrap_or(""));
+    });
+}
