@@ -240,8 +240,14 @@ async fn idle_transactions_time_out_and_oversized_lines_are_refused() {
         assert_eq!(p.recv().await.unwrap(), Response::ok());
     }
     assert_eq!(p.recv().await.unwrap(), Response::Value("v499".into()));
-    assert_eq!(p.recv().await.unwrap(), Response::Kv("pipe001".into(), "v1".into()));
-    assert_eq!(p.recv().await.unwrap(), Response::Kv("pipe002".into(), "v2".into()));
+    assert_eq!(
+        p.recv().await.unwrap(),
+        Response::Kv("pipe001".into(), "v1".into())
+    );
+    assert_eq!(
+        p.recv().await.unwrap(),
+        Response::Kv("pipe002".into(), "v2".into())
+    );
     assert_eq!(p.recv().await.unwrap(), Response::End);
     // A connection that closes mid-transaction aborts it.
     let mut d = Client::connect(sys.kv_addr).await.unwrap();
