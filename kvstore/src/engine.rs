@@ -33,7 +33,7 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -660,93 +660,226 @@ async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, 
         .map_err(|e| format!("undecodable checkpoint: {e}"))
 }
 
+/// Log entries the committer keeps in flight at once.
+const MAX_INFLIGHT_BATCHES: usize = 8;
+
+/// One log entry on its way: its APPEND line (which carries its `(client, seq)`) and who waits
+/// for it.
+struct Batch {
+    line: Vec<u8>,
+    reqs: Vec<CommitReq>,
+    tss: Vec<u64>,
+}
+
+/// The committer's pipelined connection to the log leader.
+struct Leader {
+    addrs: Vec<String>,
+    next: usize,
+    conn: Option<Client>,
+}
+
+impl Leader {
+    /// Connects to the current guess and sends every batch still in flight, in order.
+    async fn reconnect(&mut self, inflight: &VecDeque<Batch>) -> bool {
+        let addr = self.addrs[self.next % self.addrs.len()].clone();
+        let connected =
+            tokio::time::timeout(Duration::from_secs(1), Client::connect(addr.as_str())).await;
+        let Ok(Ok(mut c)) = connected else {
+            self.next = (self.next + 1) % self.addrs.len();
+            return false;
+        };
+        for b in inflight {
+            c.send(&b.line);
+        }
+        if c.flush().await.is_err() {
+            self.next = (self.next + 1) % self.addrs.len();
+            return false;
+        }
+        self.conn = Some(c);
+        true
+    }
+
+    fn redirect(&mut self, addr: String) {
+        self.conn = None;
+        match self.addrs.iter().position(|a| *a == addr) {
+            Some(i) => self.next = i,
+            None => {
+                self.addrs.push(addr);
+                self.next = self.addrs.len() - 1;
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        self.conn = None;
+        self.next = (self.next + 1) % self.addrs.len();
+    }
+}
+
+async fn next_reply(leader: &mut Leader) -> Result<Response, ClientError> {
+    match leader.conn.as_mut() {
+        Some(c) => c.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Group commit with pipelining: everything queued becomes one log entry, up to
+/// [`MAX_INFLIGHT_BATCHES`] entries are in flight on one connection, and their replies come
+/// back in log order, so batches are applied in log order. If the connection fails or the
+/// leader changes, every unacknowledged batch is sent again with its `(client, seq)`: the log's
+/// dedupe returns the original index for those that did commit.
 async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut log: LogClient) {
     let epoch = e.epoch.load(Ordering::SeqCst);
-    let client = format!("kv-{epoch}");
+    let client = Bytes::from(format!("kv-{epoch}"));
+    let mut leader = Leader {
+        addrs: e.cfg.log.clone(),
+        next: 0,
+        conn: None,
+    };
+    let mut inflight: VecDeque<Batch> = VecDeque::new();
     let mut seq = 0u64;
     let mut seen_epoch = epoch;
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        let mut payload = Vec::new();
-        batch[0].record.encode(&mut payload);
-        while payload.len() < BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(req) => {
-                    payload.push(b'\n');
-                    req.record.encode(&mut payload);
-                    batch.push(req);
-                }
-                Err(_) => break,
-            }
+    let mut closed = false;
+    loop {
+        if closed && inflight.is_empty() {
+            return;
         }
-        let tss: Vec<u64> = batch
-            .iter()
-            .filter_map(|r| match r.record {
-                Record::Commit { ts, .. } => Some(ts),
-                Record::Epoch(_) => None,
-            })
-            .collect();
-        if let Mode::Fenced(by) = e.mode() {
-            e.resolve(&tss);
-            for r in batch {
-                let _ = r.reply.send(Err(EngineError::Fenced(by)));
-            }
+        if leader.conn.is_none() && !inflight.is_empty() && !leader.reconnect(&inflight).await {
+            tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         }
-        seq += 1;
-        // The outcome must be known before anyone is answered: retry until the log takes it
-        // ((client, seq) makes the retries exactly-once).
-        let index = loop {
-            match log.append(client.as_bytes(), seq, &payload).await {
-                Ok(i) => break i,
+        let can_take = !closed && inflight.len() < MAX_INFLIGHT_BATCHES;
+        tokio::select! {
+            biased;
+            reply = next_reply(&mut leader), if !inflight.is_empty() => match reply {
+                Ok(Response::Ok(args)) if args.len() == 1 => {
+                    match protocol::response::parse_u64(&args[0]) {
+                        Ok(index) => {
+                            if let Some(batch) = inflight.pop_front() {
+                                finish_batch(&e, batch, index, &mut log, epoch, &mut seen_epoch)
+                                    .await;
+                            }
+                        }
+                        Err(_) => {
+                            tracing::warn!("log answered APPEND with a bad index, resending");
+                            leader.rotate();
+                        }
+                    }
+                }
+                Ok(Response::Redirect(addr)) => leader.redirect(addr),
+                Ok(other) => {
+                    // No leader yet, no quorum: the outcome is unknown, so retry (exactly-once).
+                    tracing::warn!("log append not taken, retrying: {other:?}");
+                    leader.rotate();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Err(err) => {
-                    tracing::warn!("log append failed, retrying: {err}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tracing::warn!("log connection lost, resending {} batches: {err}", inflight.len());
+                    leader.rotate();
                 }
-            }
-        };
-        let expected = e.applied_index.load(Ordering::SeqCst) + 1;
-        if index != expected {
-            // Someone else appended in between: read what, and check for a newer epoch.
-            let gap = e
-                .read_and_apply(&mut log, expected, Some(index - 1), &mut seen_epoch, false)
-                .await;
-            if let Err(err) = gap {
-                tracing::error!("reading appends by another writer failed: {err}");
-            }
-        }
-        if seen_epoch > epoch {
-            tracing::error!("fenced: kvstore epoch {seen_epoch} took over the log");
-            e.set_mode(Mode::Fenced(seen_epoch));
-            e.resolve(&tss);
-            for r in batch {
-                let _ = r.reply.send(Err(EngineError::Fenced(seen_epoch)));
-            }
-            continue;
-        }
-        let applied = {
-            let mut store = e.store.write().unwrap_or_else(|p| p.into_inner());
-            for r in &batch {
-                if let Record::Commit { ts, writes, .. } = &r.record {
-                    store.apply(*ts, writes);
+            },
+            req = rx.recv(), if can_take => {
+                let Some(first) = req else {
+                    closed = true;
+                    continue;
+                };
+                let mut reqs = vec![first];
+                let mut payload = Vec::new();
+                reqs[0].record.encode(&mut payload);
+                while payload.len() < BATCH_BYTES {
+                    match rx.try_recv() {
+                        Ok(req) => {
+                            payload.push(b'\n');
+                            req.record.encode(&mut payload);
+                            reqs.push(req);
+                        }
+                        Err(_) => break,
+                    }
                 }
+                let tss: Vec<u64> = reqs
+                    .iter()
+                    .filter_map(|r| match r.record {
+                        Record::Commit { ts, .. } => Some(ts),
+                        Record::Epoch(_) => None,
+                    })
+                    .collect();
+                if let Mode::Fenced(by) = e.mode() {
+                    e.resolve(&tss);
+                    for r in reqs {
+                        let _ = r.reply.send(Err(EngineError::Fenced(by)));
+                    }
+                    continue;
+                }
+                seq += 1;
+                let line = LogRequest::Append {
+                    client: client.clone(),
+                    seq,
+                    payload: Bytes::from(payload),
+                }
+                .encode();
+                if let Some(c) = leader.conn.as_mut() {
+                    c.send(&line);
+                    if c.flush().await.is_err() {
+                        leader.rotate();
+                    }
+                }
+                inflight.push_back(Batch { line, reqs, tss });
             }
-            tss.len() as u64
-        };
-        e.applied_index.store(index, Ordering::SeqCst);
-        e.commits.fetch_add(applied, Ordering::Relaxed);
-        e.resolve(&tss);
-        for r in batch {
-            let _ = r.reply.send(Ok(()));
         }
-        let since = e
-            .commits_since_checkpoint
-            .fetch_add(applied, Ordering::Relaxed)
-            + applied;
-        if since >= e.cfg.checkpoint_every && !e.checkpointing.swap(true, Ordering::SeqCst) {
-            e.commits_since_checkpoint.store(0, Ordering::Relaxed);
-            start_checkpoint(&e, index);
+    }
+}
+
+/// A batch is in the log at `index`: check no newer kvstore got in first, apply, answer.
+async fn finish_batch(
+    e: &Arc<Engine>,
+    batch: Batch,
+    index: u64,
+    log: &mut LogClient,
+    epoch: u64,
+    seen_epoch: &mut u64,
+) {
+    let expected = e.applied_index.load(Ordering::SeqCst) + 1;
+    if index > expected {
+        // Someone else appended in between: read what, and check for a newer epoch.
+        if let Err(err) = e
+            .read_and_apply(log, expected, Some(index - 1), seen_epoch, false)
+            .await
+        {
+            tracing::error!("reading appends by another writer failed: {err}");
         }
+    }
+    if *seen_epoch > epoch {
+        tracing::error!("fenced: kvstore epoch {seen_epoch} took over the log");
+        e.set_mode(Mode::Fenced(*seen_epoch));
+        e.resolve(&batch.tss);
+        for r in batch.reqs {
+            let _ = r.reply.send(Err(EngineError::Fenced(*seen_epoch)));
+        }
+        return;
+    }
+    let applied = {
+        let mut store = e.store.write().unwrap_or_else(|p| p.into_inner());
+        for r in &batch.reqs {
+            if let Record::Commit { ts, writes, .. } = &r.record {
+                store.apply(*ts, writes);
+            }
+        }
+        batch.tss.len() as u64
+    };
+    e.applied_index
+        .store(index.max(expected - 1), Ordering::SeqCst);
+    e.commits.fetch_add(applied, Ordering::Relaxed);
+    e.resolve(&batch.tss);
+    for r in batch.reqs {
+        let _ = r.reply.send(Ok(()));
+    }
+    let since = e
+        .commits_since_checkpoint
+        .fetch_add(applied, Ordering::Relaxed)
+        + applied;
+    if since >= e.cfg.checkpoint_every && !e.checkpointing.swap(true, Ordering::SeqCst) {
+        e.commits_since_checkpoint.store(0, Ordering::Relaxed);
+        start_checkpoint(e, index);
     }
 }
 
