@@ -178,7 +178,15 @@ fn main() {
             ("RMW txn, zipfian", Work::Rmw { zipf: true }, 16, 1),
             ("RMW txn, zipfian", Work::Rmw { zipf: true }, 64, 1),
         ];
+        // BENCH_KV_ROWS=put,rmw runs only the rows whose name contains one of the words.
+        let only: Vec<String> = std::env::var("BENCH_KV_ROWS")
+            .map(|s| s.split(',').map(|w| w.to_lowercase()).collect())
+            .unwrap_or_default();
         for (name, work, clients, depth) in rows {
+            let lname = name.to_lowercase();
+            if !only.is_empty() && !only.iter().any(|w| lname.contains(w.as_str())) {
+                continue;
+            }
             let r = run(addr, work, clients, depth).await;
             let total = r.ops + r.aborts;
             println!(

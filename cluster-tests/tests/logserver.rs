@@ -48,6 +48,38 @@ async fn appends_replicate_to_every_replica_in_order() {
     }
 }
 
+/// The kvstore pipelines many appends on one connection and relies on them entering the log
+/// in the order sent (the logserver proposes several batches concurrently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_appends_enter_the_log_in_the_order_sent() {
+    let c = LogCluster::start(&[]).await;
+    let leader = c.wait_for_leader().await;
+    let mut conn = Client::connect(c.replicas[leader].dksp).await.unwrap();
+    let n = 2000u64;
+    for seq in 1..=n {
+        conn.send(format!("APPEND pipe {seq} p{seq}").as_bytes());
+        if seq % 64 == 0 {
+            conn.flush().await.unwrap();
+        }
+    }
+    conn.flush().await.unwrap();
+    let mut last = 0;
+    for seq in 1..=n {
+        match conn.recv().await.unwrap() {
+            Response::Ok(args) => {
+                let idx: u64 = std::str::from_utf8(&args[0]).unwrap().parse().unwrap();
+                assert!(idx > last, "append {seq} got index {idx} after {last}");
+                last = idx;
+            }
+            r => panic!("append {seq}: {r:?}"),
+        }
+    }
+    let entries = read_all(&c, leader).await;
+    let payloads: Vec<Bytes> = entries.into_iter().map(|(_, p)| p).collect();
+    let expected: Vec<Bytes> = (1..=n).map(|s| Bytes::from(format!("p{s}"))).collect();
+    assert_eq!(payloads, expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_redirect_and_bad_input_is_refused() {
     let c = LogCluster::start(&[]).await;

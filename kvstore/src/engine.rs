@@ -857,6 +857,17 @@ async fn finish_batch(
         }
         return;
     }
+    if index < expected {
+        // The logserver proposes a connection's appends in the order they were sent, so this
+        // means the entry was already read back and applied as someone else's; applying it
+        // twice would duplicate versions.
+        tracing::error!("log entry {index} came back after {expected} was expected; not reapplied");
+        e.resolve(&batch.tss);
+        for r in batch.reqs {
+            let _ = r.reply.send(Ok(()));
+        }
+        return;
+    }
     let applied = {
         let mut store = e.store.write().unwrap_or_else(|p| p.into_inner());
         for r in &batch.reqs {
@@ -866,8 +877,7 @@ async fn finish_batch(
         }
         batch.tss.len() as u64
     };
-    e.applied_index
-        .store(index.max(expected - 1), Ordering::SeqCst);
+    e.applied_index.store(index, Ordering::SeqCst);
     e.commits.fetch_add(applied, Ordering::Relaxed);
     e.resolve(&batch.tss);
     for r in batch.reqs {

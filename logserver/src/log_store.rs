@@ -7,8 +7,11 @@
 //! policy, which purges what a snapshot covers.
 //!
 //! Durability, as openraft's storage contract asks:
-//! - `append` writes the records under the lock, then fdatasyncs *outside* it (so replication
-//!   can read the new entries meanwhile) and only then reports the entries flushed;
+//! - `append` writes the records under the lock and hands the files to the flusher thread, which
+//!   fdatasyncs them and only then reports the entries flushed. `append` itself returns at once,
+//!   so Raft goes on (replicating, taking responses) during the disk wait, and every append that
+//!   queued up meanwhile is covered by the flusher's next fdatasync (group commit). Callbacks
+//!   fire in append order;
 //! - the vote and the last purged log id are small files replaced atomically (temp, fsync,
 //!   rename, fsync directory) before the call returns;
 //! - the purged id is persisted before any segment is deleted, since after a full purge it is
@@ -27,7 +30,7 @@ use std::io::{self, Write};
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
@@ -90,6 +93,39 @@ struct Inner {
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
+    flusher: mpsc::Sender<FlushReq>,
+}
+
+/// Files written by one `append`, and openraft's callback to fire once they are on disk.
+struct FlushReq {
+    files: Vec<Arc<File>>,
+    callback: LogFlushed<TypeConfig>,
+}
+
+/// The flusher thread: fdatasyncs, for everything queued at once, each distinct file once, then
+/// reports each append flushed, in order. It ends when the last `LogStore` clone is dropped.
+fn run_flusher(rx: mpsc::Receiver<FlushReq>) {
+    while let Ok(first) = rx.recv() {
+        let mut reqs = vec![first];
+        reqs.extend(rx.try_iter());
+        let mut files: Vec<&Arc<File>> = Vec::new();
+        for f in reqs.iter().flat_map(|r| &r.files) {
+            if !files.iter().any(|g| Arc::ptr_eq(f, g)) {
+                files.push(f);
+            }
+        }
+        let result = files.iter().try_for_each(|f| f.sync_data());
+        if let Err(e) = &result {
+            tracing::error!("fdatasync of the Raft log failed: {e}");
+        }
+        for r in reqs {
+            let r_result = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            };
+            r.callback.log_io_completed(r_result);
+        }
+    }
 }
 
 impl LogStore {
@@ -191,7 +227,13 @@ impl LogStore {
             segments.len(),
             last_purged.map(|p| p.index)
         );
+        let (flusher, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("log-flusher".into())
+            .spawn(move || run_flusher(rx))
+            .map_err(io_at(dir))?;
         Ok(LogStore {
+            flusher,
             inner: Arc::new(Mutex::new(Inner {
                 dir: dir.to_path_buf(),
                 entries,
@@ -610,16 +652,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             flush_buf(&mut g, &mut buf, &mut to_sync).map_err(write_err)?;
             to_sync
         };
-        // fdatasync outside the lock, so readers (replication) are not held up by the disk.
-        let synced = tokio::task::spawn_blocking(move || -> io::Result<()> {
-            for f in to_sync {
-                f.sync_data()?;
-            }
-            Ok(())
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e.to_string())));
-        callback.log_io_completed(synced);
+        // The disk wait happens on the flusher thread, not in Raft's core.
+        if let Err(mpsc::SendError(req)) = self.flusher.send(FlushReq {
+            files: to_sync,
+            callback,
+        }) {
+            req.callback
+                .log_io_completed(Err(io::Error::other("the log flusher thread is gone")));
+        }
         Ok(())
     }
 

@@ -101,22 +101,42 @@ async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_inflight: 
                 Err(_) => break,
             }
         }
+        // Propose here, in arrival order: the log order of a connection's pipelined appends
+        // must be the order it sent them (the kvstore relies on it). Only the wait for the
+        // majority runs in its own task, so batches overlap.
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut waiters = Vec::with_capacity(batch.len());
+        for p in batch {
+            ops.push(p.op);
+            waiters.push((p.render, p.reply));
+        }
+        let proposed = raft.client_write_ff(Batch(ops)).await;
         let raft = raft.clone();
         tokio::spawn(async move {
-            commit_batch(&raft, batch).await;
+            let result = match proposed {
+                Ok(rx) => match rx.await {
+                    Ok(r) => r.map_err(RaftError::APIError),
+                    Err(_) => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
+                },
+                Err(fatal) => Err(RaftError::Fatal(fatal)),
+            };
+            answer_batch(&raft, waiters, result).await;
             drop(permit);
         });
     }
 }
 
-async fn commit_batch(raft: &Raft, batch: Vec<Pending>) {
-    let mut ops = Vec::with_capacity(batch.len());
-    let mut waiters = Vec::with_capacity(batch.len());
-    for p in batch {
-        ops.push(p.op);
-        waiters.push((p.render, p.reply));
-    }
-    match raft.client_write(Batch(ops)).await {
+type Waiter = (Render, oneshot::Sender<Response>);
+
+async fn answer_batch(
+    raft: &Raft,
+    waiters: Vec<Waiter>,
+    result: Result<
+        openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
+        RaftError<NodeId, ClientWriteError<NodeId, Node>>,
+    >,
+) {
+    match result {
         Ok(resp) => {
             let results = resp.data.0;
             let mut checkpointed = false;
