@@ -173,6 +173,12 @@ async fn a_second_kvstore_fences_the_first() {
 async fn checkpoints_compact_the_log_and_recovery_uses_them() {
     let mut sys = System::start(&["--checkpoint-every", "50"]).await;
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    // Big binary values first, so every later checkpoint spans many chunks (uploaded and
+    // fetched pipelined) and exercises the quoting of every byte value.
+    let big = |i: usize| -> Bytes { (0..65_536).map(|j| ((i * 7 + j) % 256) as u8).collect() };
+    for i in 0..40 {
+        c.put(format!("big{i:02}"), big(i)).await.unwrap();
+    }
     for i in 0..300 {
         c.put(format!("key{i:04}"), format!("value{i}"))
             .await
@@ -200,10 +206,22 @@ async fn checkpoints_compact_the_log_and_recovery_uses_them() {
         Some(Bytes::from("value299"))
     );
     assert_eq!(c.get("key0007").await.unwrap(), None);
+    for i in 0..40 {
+        assert_eq!(c.get(format!("big{i:02}")).await.unwrap(), Some(big(i)));
+    }
     let log = std::fs::read_to_string(sys.log.dir.path().join("kvstore-2.log")).unwrap();
     assert!(
         log.contains("loaded checkpoint"),
         "recovery did not use the checkpoint:\n{log}"
+    );
+    let fetched: u64 = log
+        .lines()
+        .filter_map(|l| l.split_once("fetched checkpoint ")?.1.split_once(": "))
+        .find_map(|(_, rest)| rest.strip_suffix(" bytes")?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        fetched > 2_000_000,
+        "expected a multi-chunk checkpoint, fetched {fetched} bytes:\n{log}"
     );
 }
 

@@ -51,6 +51,8 @@ const TS_BLOCK: u64 = 10_000;
 const BATCH_BYTES: usize = 512 * 1024;
 /// Checkpoint chunk size, before quoting (binary may quadruple when quoted).
 const CKPT_CHUNK: usize = 192 * 1024;
+/// Checkpoint chunks requested at once while loading.
+const CKPT_WINDOW: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -456,8 +458,11 @@ impl Engine {
 
     /// Applies one log entry's records in order; returns how many commits it applied.
     fn apply_entry(&self, payload: &[u8], epoch: &mut u64) -> Result<u64, String> {
+        Ok(self.apply_records(Record::parse_entry(payload)?, epoch))
+    }
+
+    fn apply_records(&self, records: Vec<Record>, epoch: &mut u64) -> u64 {
         let mut applied = 0;
-        let records = Record::parse_entry(payload)?;
         let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
         for r in records {
             match r {
@@ -474,7 +479,33 @@ impl Engine {
                 }
             }
         }
-        Ok(applied)
+        applied
+    }
+
+    /// Replays from `from` to the end of the log. A task of its own reads and parses pages
+    /// ahead on a second connection, so the logserver's work, the network and parsing overlap
+    /// with applying. Returns (last index applied, entries applied).
+    async fn replay(&self, from: u64, epoch: &mut u64) -> Result<(u64, u64), String> {
+        let mut pages = prefetch_pages(self.cfg.log.clone(), from);
+        let mut last = from - 1;
+        let mut count = 0;
+        while let Some(page) = pages.recv().await {
+            for (i, records) in page? {
+                let n = self.apply_records(records, epoch);
+                self.commits.fetch_add(n, Ordering::Relaxed);
+                self.commits_since_checkpoint
+                    .fetch_add(n, Ordering::Relaxed);
+                last = i;
+                count += 1;
+            }
+            if let Mode::Replaying { total, .. } = self.mode() {
+                self.set_mode(Mode::Replaying {
+                    done: last,
+                    total: total.max(last),
+                });
+            }
+        }
+        Ok((last, count))
     }
 
     /// Loads the checkpoint, replays the log, fences older kvstores, then serves.
@@ -488,16 +519,17 @@ impl Engine {
 
         let mut seen_epoch = 0u64;
         let mut index = 0u64;
+        let started = std::time::Instant::now();
         if let Some(ck) = load_checkpoint(log).await? {
+            let fetched = started.elapsed().as_secs_f64();
             let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
-            for (k, ts, v) in ck.entries {
-                store.apply(ts, &[(k, Some(v))]);
-            }
+            *store = Store::from_latest(ck.entries);
             index = ck.index;
             seen_epoch = ck.epoch;
             tracing::info!(
-                "loaded checkpoint at log index {index} ({} keys)",
-                store.stats().0
+                "loaded checkpoint at log index {index} ({} keys) in {:.2} s ({fetched:.2} s fetching and decoding)",
+                store.stats().0,
+                started.elapsed().as_secs_f64()
             );
         }
         let total = match log
@@ -514,9 +546,7 @@ impl Engine {
         };
         self.set_mode(Mode::Replaying { done: index, total });
         let started = std::time::Instant::now();
-        let replayed = self
-            .read_and_apply(log, index + 1, None, &mut seen_epoch, true)
-            .await?;
+        let replayed = self.replay(index + 1, &mut seen_epoch).await?;
         index = replayed.0.max(index);
         tracing::info!(
             "replayed {} entries up to index {index} in {:.2} s",
@@ -617,6 +647,40 @@ impl Engine {
     }
 }
 
+/// Pages of parsed log entries from `from` to the end (an empty page), read ahead of the
+/// consumer; an error ends the stream.
+type Page = Result<Vec<(u64, Vec<Record>)>, String>;
+
+fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        let mut log = LogClient::new(addrs);
+        log.deadline = Duration::from_secs(5);
+        let mut next = from;
+        loop {
+            let page = match log.read(next, None).await {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string())).await;
+                    return;
+                }
+            };
+            let Some(&(last, _)) = page.last() else {
+                return;
+            };
+            next = last + 1;
+            let parsed: Page = page
+                .into_iter()
+                .map(|(i, payload)| Ok((i, Record::parse_entry(&payload)?)))
+                .collect();
+            if tx.send(parsed).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, String> {
     let info = match log
         .call_leader(b"CKPT_INFO")
@@ -636,25 +700,52 @@ async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, 
             .ok_or_else(|| format!("CKPT_INFO lacks {name}"))
     };
     let (id, len, crc) = (field("id")?, field("len")?, field("crc")?);
+    // Chunks are requested CKPT_WINDOW at a time on one connection to the replica that
+    // answered, so its work and ours overlap instead of taking turns.
+    let addr = log
+        .connected_to()
+        .ok_or("no logserver connection after CKPT_INFO")?
+        .to_string();
+    let mut conn = Client::connect(addr.as_str())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
     let mut data = Vec::with_capacity(len as usize);
+    let mut requested = 0u64;
+    let mut outstanding = 0usize;
     while (data.len() as u64) < len {
-        let req = LogRequest::CkptRead {
-            id,
-            offset: data.len() as u64,
-            max: CKPT_CHUNK as u64,
-        };
-        match log
-            .call_leader(&req.encode())
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            Response::Value(chunk) if !chunk.is_empty() => data.extend_from_slice(&chunk),
+        while outstanding < CKPT_WINDOW && requested < len {
+            let req = LogRequest::CkptRead {
+                id,
+                offset: requested,
+                max: CKPT_CHUNK as u64,
+            };
+            conn.send(&req.encode());
+            requested += CKPT_CHUNK as u64;
+            outstanding += 1;
+        }
+        conn.flush().await.map_err(|e| format!("{addr}: {e}"))?;
+        match conn.recv().await.map_err(|e| format!("{addr}: {e}"))? {
+            Response::Value(chunk) if !chunk.is_empty() && chunk.len() <= CKPT_CHUNK => {
+                data.extend_from_slice(&chunk);
+                outstanding -= 1;
+                // A short chunk anywhere but at the end would misalign the requests in flight.
+                if chunk.len() < CKPT_CHUNK && (data.len() as u64) < len {
+                    return Err(format!("CKPT_READ: short chunk at offset {}", data.len()));
+                }
+            }
             r => return Err(format!("CKPT_READ: {r:?}")),
         }
+    }
+    if data.len() as u64 != len {
+        return Err(format!(
+            "checkpoint is {} bytes, expected {len}",
+            data.len()
+        ));
     }
     if crc32c::crc32c(&data) != crc as u32 {
         return Err("checkpoint fails its CRC".into());
     }
+    tracing::info!("fetched checkpoint {id}: {len} bytes");
     postcard::from_bytes(&data)
         .map(Some)
         .map_err(|e| format!("undecodable checkpoint: {e}"))
@@ -936,17 +1027,48 @@ fn start_checkpoint(e: &Arc<Engine>, index: u64) {
 async fn upload_checkpoint(addrs: &[String], index: u64, data: &[u8]) -> Result<usize, String> {
     let mut log = LogClient::new(addrs.to_vec());
     let id = index;
-    let mut offset = 0u64;
-    for chunk in data.chunks(CKPT_CHUNK) {
-        let req = LogRequest::CkptPut {
+    // The first chunk goes through `call_leader`, which finds the leader; the rest are
+    // pipelined to it, CKPT_WINDOW at a time: the leader proposes them in the order sent, which
+    // is the order staging needs. Any failure (a leader change, say) abandons this checkpoint;
+    // the next one starts over.
+    let mut chunks = data.chunks(CKPT_CHUNK).enumerate();
+    let put = |n: usize, chunk: &[u8]| {
+        LogRequest::CkptPut {
             id,
-            offset,
+            offset: (n * CKPT_CHUNK) as u64,
             data: Bytes::copy_from_slice(chunk),
-        };
-        match log.call_leader(&req.encode()).await {
-            Ok(Response::Ok(_)) => offset += chunk.len() as u64,
+        }
+        .encode()
+    };
+    if let Some((n, chunk)) = chunks.next() {
+        match log.call_leader(&put(n, chunk)).await {
+            Ok(Response::Ok(_)) => {}
             Ok(r) => return Err(format!("CKPT_PUT: {r:?}")),
             Err(err) => return Err(err.to_string()),
+        }
+    }
+    let addr = log
+        .connected_to()
+        .ok_or("no logserver connection")?
+        .to_string();
+    let mut conn = Client::connect(addr.as_str())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    loop {
+        let mut sent = 0;
+        for (n, chunk) in chunks.by_ref().take(CKPT_WINDOW) {
+            conn.send(&put(n, chunk));
+            sent += 1;
+        }
+        if sent == 0 {
+            break;
+        }
+        conn.flush().await.map_err(|e| format!("{addr}: {e}"))?;
+        for _ in 0..sent {
+            match conn.recv().await.map_err(|e| format!("{addr}: {e}"))? {
+                Response::Ok(_) => {}
+                r => return Err(format!("CKPT_PUT: {r:?}")),
+            }
         }
     }
     let req = LogRequest::CkptCommit {
@@ -955,10 +1077,9 @@ async fn upload_checkpoint(addrs: &[String], index: u64, data: &[u8]) -> Result<
         len: data.len() as u64,
         crc: crc32c::crc32c(data),
     };
-    match log.call_leader(&req.encode()).await {
+    match conn.call(&req.encode()).await {
         Ok(Response::Ok(_)) => Ok(data.len()),
         Ok(r) => Err(format!("CKPT_COMMIT: {r:?}")),
-        Err(ClientError::Server(e)) => Err(e.to_string()),
         Err(err) => Err(err.to_string()),
     }
 }

@@ -60,6 +60,33 @@ impl Store {
             .collect()
     }
 
+    /// A store holding one version per key, as a checkpoint lists them. Built in bulk (sorted
+    /// input makes this linear), which is several times faster than applying keys one by one.
+    pub fn from_latest(entries: Vec<(Bytes, u64, Bytes)>) -> Store {
+        let keys: BTreeMap<Bytes, Vec<Version>> = entries
+            .into_iter()
+            .map(|(k, ts, v)| {
+                let version = Version { ts, value: Some(v) };
+                (k, vec![version])
+            })
+            .collect();
+        let bytes = keys
+            .iter()
+            .map(|(k, vs)| {
+                k.len()
+                    + vs.iter()
+                        .map(|v| v.value.as_ref().map_or(0, Bytes::len))
+                        .sum::<usize>()
+            })
+            .sum();
+        Store {
+            versions: keys.len(),
+            bytes,
+            keys,
+            gc_candidates: HashSet::new(),
+        }
+    }
+
     /// Commit timestamp of the newest version of `key`, if any.
     pub fn latest_ts(&self, key: &[u8]) -> Option<u64> {
         self.keys.get(key)?.last().map(|v| v.ts)
@@ -145,6 +172,32 @@ fn visible(versions: &[Version], snapshot_ts: u64) -> Option<&Version> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn from_latest_matches_applying_one_by_one() {
+        let entries: Vec<(Bytes, u64, Bytes)> = (0..100u64)
+            .map(|i| {
+                let k = Bytes::from(format!("k{i:03}"));
+                (k, 10 + i, Bytes::from(format!("v{i}")))
+            })
+            .collect();
+        let mut applied = Store::new();
+        for (k, ts, v) in &entries {
+            applied.apply(*ts, &[(k.clone(), Some(v.clone()))]);
+        }
+        let bulk = Store::from_latest(entries);
+        assert_eq!(bulk.stats(), applied.stats());
+        assert_eq!(
+            bulk.scan(b"k", b"l", 1000, 1000),
+            applied.scan(b"k", b"l", 1000, 1000)
+        );
+        assert_eq!(
+            bulk.get(b"k050", 60),
+            None,
+            "written at 60, invisible to a snapshot at 60"
+        );
+        assert_eq!(bulk.get(b"k050", 61), Some(Bytes::from("v50")));
+    }
+
     use super::*;
 
     fn b(s: &str) -> Bytes {

@@ -26,6 +26,8 @@ use crate::types::{Batch, Node, NodeId, Op, OpResult, Raft};
 
 /// Entries one `READ` returns at most; read again from the last index + 1 for more.
 pub const READ_MAX: u64 = 10_000;
+/// A `READ` page stops once it holds this many bytes of payload (at least one entry).
+pub const READ_BYTES: usize = 2 * 1024 * 1024;
 /// A batch closes at this many bytes of payload or this many operations.
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 const BATCH_OPS: usize = 8192;
@@ -396,7 +398,7 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
         }
         Request::Read { from, max } => {
             let max = max.unwrap_or(READ_MAX).min(READ_MAX) as usize;
-            match srv.sm.read(from, max) {
+            match srv.sm.read(from, max, READ_BYTES) {
                 Ok(entries) => {
                     let mut lines: Vec<Response> = entries
                         .into_iter()
@@ -522,7 +524,7 @@ async fn tail(conn: &mut Connection, srv: &LogServer, from: u64, shutdown: &Canc
     let mut applied = srv.sm.subscribe();
     let mut cursor = from.max(1);
     loop {
-        match srv.sm.read(cursor, 1024) {
+        match srv.sm.read(cursor, 1024, READ_BYTES) {
             Err(ReadError::Compacted(first)) => {
                 conn.write_response(&Response::err(ErrorCode::Compacted, first.to_string()));
                 let _ = conn.flush().await;

@@ -162,20 +162,31 @@ impl StateMachine {
     }
 
     /// Committed entries from logical index `from`, at most `max`.
-    pub fn read(&self, from: u64, max: usize) -> Result<Vec<(u64, Bytes)>, ReadError> {
+    /// Committed entries from `from`: at most `max`, and no more once `max_bytes` of payload
+    /// are gathered (but always at least one entry if there is one), so a page of big entries
+    /// stays a reasonable size and readers can pipeline pages.
+    pub fn read(
+        &self,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, ReadError> {
         let d = self.read_data();
         let from = from.max(1);
         if from < d.first_index {
             return Err(ReadError::Compacted(d.first_index));
         }
         let skip = (from - d.first_index) as usize;
-        Ok(d.entries
-            .iter()
-            .skip(skip)
-            .take(max)
-            .enumerate()
-            .map(|(i, p)| (from + i as u64, p.clone()))
-            .collect())
+        let mut bytes = 0;
+        let mut out = Vec::new();
+        for (i, p) in d.entries.iter().skip(skip).take(max).enumerate() {
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes += p.len();
+            out.push((from + i as u64, p.clone()));
+        }
+        Ok(out)
     }
 
     /// Watches the next logical index (it changes whenever entries are applied).

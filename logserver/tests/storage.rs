@@ -240,11 +240,17 @@ fn state_machine_dedupes_checkpoints_and_compacts() {
                 BatchResult(vec![OpResult::Appended(3)]),
             ]
         );
-        let read: Vec<(u64, Bytes)> = sm.read(1, 10).unwrap();
+        let read: Vec<(u64, Bytes)> = sm.read(1, 10, usize::MAX).unwrap();
         assert_eq!(
             read,
             vec![(1, "one".into()), (2, "two".into()), (3, "three".into())]
         );
+        // A page stops at the byte cap, but never comes back empty while entries remain.
+        assert_eq!(
+            sm.read(1, 10, 4).unwrap(),
+            vec![(1, "one".into()), (2, "two".into())]
+        );
+        assert_eq!(sm.read(2, 10, 1).unwrap(), vec![(2, "two".into())]);
         assert_eq!(sm.lookup(b"a", 2), Some(3));
 
         // A checkpoint upload in two chunks, committed at index 2, compacts entries 1..=2.
@@ -297,8 +303,11 @@ fn state_machine_dedupes_checkpoints_and_compacts() {
             "bad CRC accepted"
         );
         assert_eq!(results[4], OpResult::Done);
-        assert_eq!(sm.read(1, 10), Err(ReadError::Compacted(3)));
-        assert_eq!(sm.read(3, 10).unwrap(), vec![(3, Bytes::from("three"))]);
+        assert_eq!(sm.read(1, 10, usize::MAX), Err(ReadError::Compacted(3)));
+        assert_eq!(
+            sm.read(3, 10, usize::MAX).unwrap(),
+            vec![(3, Bytes::from("three"))]
+        );
         assert_eq!(sm.checkpoint_info(), Some((9, 2, ckpt.len() as u64, crc)));
         assert_eq!(&sm.checkpoint_read(9, 0, 100).unwrap()[..], &ckpt[..]);
 
@@ -315,7 +324,10 @@ fn state_machine_dedupes_checkpoints_and_compacts() {
         sm2.install_snapshot(&snap.meta, snap.snapshot)
             .await
             .unwrap();
-        assert_eq!(sm2.read(3, 10).unwrap(), vec![(3, Bytes::from("three"))]);
+        assert_eq!(
+            sm2.read(3, 10, usize::MAX).unwrap(),
+            vec![(3, Bytes::from("three"))]
+        );
         assert_eq!(
             sm2.lookup(b"a", 1),
             Some(1),

@@ -71,7 +71,7 @@ pub fn split(line: &[u8]) -> Result<Vec<Bytes>, TokenError> {
 /// Parses a quoted string starting at `line[start] == b'"'`; returns the bytes and the index just
 /// past the closing quote.
 fn parse_quoted(line: &[u8], start: usize) -> Result<(Vec<u8>, usize), TokenError> {
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(64);
     let mut i = start + 1;
     while i < line.len() {
         match line[i] {
@@ -113,9 +113,14 @@ fn parse_quoted(line: &[u8], start: usize) -> Result<(Vec<u8>, usize), TokenErro
                 }
                 i += 2;
             }
-            b => {
-                out.push(b);
-                i += 1;
+            _ => {
+                // Copy the run up to the next quote or escape in one go.
+                let run = line[i..]
+                    .iter()
+                    .position(|&b| b == b'"' || b == b'\\')
+                    .unwrap_or(line.len() - i);
+                out.extend_from_slice(&line[i..i + run]);
+                i += run;
             }
         }
     }
@@ -147,29 +152,47 @@ pub fn write_arg(out: &mut Vec<u8>, arg: &[u8]) {
         out.extend_from_slice(arg);
         return;
     }
+    out.reserve(arg.len() + 2);
     out.push(b'"');
     for chunk in arg.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\\' => out.extend_from_slice(b"\\\\"),
-                '"' => out.extend_from_slice(b"\\\""),
-                '\n' => out.extend_from_slice(b"\\n"),
-                '\r' => out.extend_from_slice(b"\\r"),
-                '\t' => out.extend_from_slice(b"\\t"),
-                c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                    out.extend_from_slice(format!("\\x{:02x}", c as u32).as_bytes())
-                }
-                c => {
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-                }
+        // Valid UTF-8 goes out as it is, except the few ASCII bytes that need an escape; runs
+        // between those are copied whole.
+        let valid = chunk.valid().as_bytes();
+        let mut from = 0;
+        for (i, &b) in valid.iter().enumerate() {
+            let esc: &[u8] = match b {
+                b'\\' => b"\\\\",
+                b'"' => b"\\\"",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                b if b < 0x20 || b == 0x7f => b"",
+                _ => continue,
+            };
+            out.extend_from_slice(&valid[from..i]);
+            if esc.is_empty() {
+                push_hex_escape(out, b);
+            } else {
+                out.extend_from_slice(esc);
             }
+            from = i + 1;
         }
+        out.extend_from_slice(&valid[from..]);
         for &b in chunk.invalid() {
-            out.extend_from_slice(format!("\\x{b:02x}").as_bytes());
+            push_hex_escape(out, b);
         }
     }
     out.push(b'"');
+}
+
+fn push_hex_escape(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.extend_from_slice(&[
+        b'\\',
+        b'x',
+        HEX[usize::from(b >> 4)],
+        HEX[usize::from(b & 15)],
+    ]);
 }
 
 /// Writes arguments separated by single spaces.
