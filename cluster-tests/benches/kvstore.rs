@@ -49,7 +49,14 @@ impl Zipf {
 enum Work {
     Put,
     Get,
-    Rmw { zipf: bool },
+    Rmw {
+        zipf: bool,
+    },
+    /// The same transaction in two round trips: `BEGIN`, `GET a`, `GET b` sent together, then
+    /// `PUT a`, `PUT b`, `COMMIT` together (DKSP answers in order, so a client may pipeline).
+    RmwPipelined {
+        zipf: bool,
+    },
 }
 
 struct RowResult {
@@ -96,7 +103,8 @@ async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usiz
                             lat.push(t0.elapsed().as_micros() as u32);
                         }
                     }
-                    Work::Rmw { zipf: z } => {
+                    Work::Rmw { zipf: z } | Work::RmwPipelined { zipf: z } => {
+                        let pipelined = matches!(work, Work::RmwPipelined { .. });
                         while Instant::now() < deadline {
                             let pick = |rng: &mut rand::rngs::StdRng| {
                                 if z {
@@ -107,11 +115,42 @@ async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usiz
                             };
                             let (a, b) = (pick(&mut rng), pick(&mut rng));
                             let t0 = Instant::now();
+                            let bump =
+                                |v: Option<Bytes>| format!("{}x", v.map_or(0, |v| v.len() % 50));
+                            if pipelined {
+                                c.send(b"BEGIN");
+                                c.send(format!("GET key{a:07}").as_bytes());
+                                c.send(format!("GET key{b:07}").as_bytes());
+                                c.flush().await.expect("send");
+                                let mut vals = Vec::new();
+                                for _ in 0..3 {
+                                    match c.recv().await.expect("reply") {
+                                        Response::Value(v) => vals.push(Some(v)),
+                                        Response::Nil => vals.push(None),
+                                        Response::Ok(_) => {}
+                                        r => panic!("{r:?}"),
+                                    }
+                                }
+                                let vb = vals.pop().flatten();
+                                let va = vals.pop().flatten();
+                                c.send(format!("PUT key{a:07} {}", bump(va)).as_bytes());
+                                c.send(format!("PUT key{b:07} {}", bump(vb)).as_bytes());
+                                c.send(b"COMMIT");
+                                c.flush().await.expect("send");
+                                for _ in 0..2 {
+                                    c.recv().await.expect("put");
+                                }
+                                match c.recv().await.expect("commit") {
+                                    Response::Committed(_) => ops += 1,
+                                    Response::Aborted(_) => aborts += 1,
+                                    r => panic!("{r:?}"),
+                                }
+                                lat.push(t0.elapsed().as_micros() as u32);
+                                continue;
+                            }
                             c.begin().await.expect("begin");
                             let va = c.get(format!("key{a:07}")).await.expect("get");
                             let vb = c.get(format!("key{b:07}")).await.expect("get");
-                            let bump =
-                                |v: Option<Bytes>| format!("{}x", v.map_or(0, |v| v.len() % 50));
                             c.put(format!("key{a:07}"), bump(va)).await.expect("put");
                             c.put(format!("key{b:07}"), bump(vb)).await.expect("put");
                             match c.commit().await.expect("commit") {
@@ -177,6 +216,8 @@ fn main() {
             ("RMW txn, uniform", Work::Rmw { zipf: false }, 64, 1),
             ("RMW txn, zipfian", Work::Rmw { zipf: true }, 16, 1),
             ("RMW txn, zipfian", Work::Rmw { zipf: true }, 64, 1),
+            ("RMW txn, 2 round trips, uniform", Work::RmwPipelined { zipf: false }, 16, 1),
+            ("RMW txn, 2 round trips, uniform", Work::RmwPipelined { zipf: false }, 64, 1),
         ];
         // BENCH_KV_ROWS=put,rmw runs only the rows whose name contains one of the words.
         let only: Vec<String> = std::env::var("BENCH_KV_ROWS")
