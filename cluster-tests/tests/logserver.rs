@@ -381,3 +381,74 @@ async fn tail_streams_new_entries() {
         assert_eq!(r, Response::Entry(seq, format!("e{seq}").into()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_catches_up_and_a_removed_one_is_not_needed() {
+    let mut c = LogCluster::start(&[]).await;
+    let mut log = LogClient::new(c.addrs());
+    for seq in 1..=50u64 {
+        log.append(b"m", seq, format!("before {seq}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // A fourth replica, started empty without --init, then added by the leader.
+    let (dksp, raft) = (
+        cluster_tests::local(cluster_tests::free_port()),
+        cluster_tests::local(cluster_tests::free_port()),
+    );
+    let dir = c.dir.path().join("log-4");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args: Vec<String> = [
+        "--id",
+        "4",
+        "--listen",
+        &dksp.to_string(),
+        "--raft-listen",
+        &raft.to_string(),
+        "--data-dir",
+        &dir.display().to_string(),
+        "--peers",
+        &c.peers(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = cluster_tests::Proc::spawn("logserver", &args, &c.dir.path().join("log-4.log"));
+    cluster_tests::wait_ready(dksp, &mut p, Duration::from_secs(20)).await;
+    match log
+        .call_leader(format!("ADD_REPLICA 4 {raft} {dksp}").as_bytes())
+        .await
+        .unwrap()
+    {
+        Response::Ok(_) => {}
+        r => panic!("ADD_REPLICA answered {r:?}"),
+    }
+    log.append(b"m", 51, b"after").await.unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "replica 4 to catch up",
+        || async move {
+            cluster_tests::status(dksp)
+                .await
+                .and_then(|s| s.get("last")?.parse::<u64>().ok())
+                .is_some_and(|l| l >= 51)
+        },
+    )
+    .await;
+    let mut four = Client::connect(dksp).await.unwrap();
+    let entries = four.read_log(1, Some(100)).await.unwrap();
+    assert_eq!(entries.len(), 51);
+    assert_eq!(entries[0].1, Bytes::from("before 1"));
+    assert_eq!(entries[50].1, Bytes::from("after"));
+
+    // Removed again, the group is three: with replica 4 and one of the others down, the two
+    // left are a majority (of four they would not be).
+    match log.call_leader(b"REMOVE_REPLICA 4").await.unwrap() {
+        Response::Ok(_) => {}
+        r => panic!("REMOVE_REPLICA answered {r:?}"),
+    }
+    p.kill9();
+    let leader = c.wait_for_leader().await;
+    c.kill9((leader + 1) % 3);
+    assert_eq!(log.append(b"m", 52, b"without 4").await.unwrap(), 52);
+}
