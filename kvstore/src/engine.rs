@@ -40,6 +40,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use protocol::log::Request as LogRequest;
+use protocol::log_client::Replicas;
 use protocol::{Client, ClientError, ErrorCode, LogClient, Response};
 
 use crate::mvcc::Store;
@@ -681,6 +682,18 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
     rx
 }
 
+/// A second connection to the replica `log` is talking to, for pipelining on.
+async fn connect_alongside(log: &LogClient) -> Result<(String, Client), String> {
+    let addr = log
+        .connected_to()
+        .ok_or("no logserver connection")?
+        .to_string();
+    let conn = Client::connect(addr.as_str())
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    Ok((addr, conn))
+}
+
 async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, String> {
     let info = match log
         .call_leader(b"CKPT_INFO")
@@ -702,13 +715,7 @@ async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, 
     let (id, len, crc) = (field("id")?, field("len")?, field("crc")?);
     // Chunks are requested CKPT_WINDOW at a time on one connection to the replica that
     // answered, so its work and ours overlap instead of taking turns.
-    let addr = log
-        .connected_to()
-        .ok_or("no logserver connection after CKPT_INFO")?
-        .to_string();
-    let mut conn = Client::connect(addr.as_str())
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
+    let (addr, mut conn) = connect_alongside(log).await?;
     let mut data = Vec::with_capacity(len as usize);
     let mut requested = 0u64;
     let mut outstanding = 0usize;
@@ -764,26 +771,25 @@ struct Batch {
 
 /// The committer's pipelined connection to the log leader.
 struct Leader {
-    addrs: Vec<String>,
-    next: usize,
+    replicas: Replicas,
     conn: Option<Client>,
 }
 
 impl Leader {
     /// Connects to the current guess and sends every batch still in flight, in order.
     async fn reconnect(&mut self, inflight: &VecDeque<Batch>) -> bool {
-        let addr = self.addrs[self.next % self.addrs.len()].clone();
+        let addr = self.replicas.current().to_string();
         let connected =
             tokio::time::timeout(Duration::from_secs(1), Client::connect(addr.as_str())).await;
         let Ok(Ok(mut c)) = connected else {
-            self.next = (self.next + 1) % self.addrs.len();
+            self.replicas.rotate();
             return false;
         };
         for b in inflight {
             c.send(&b.line);
         }
         if c.flush().await.is_err() {
-            self.next = (self.next + 1) % self.addrs.len();
+            self.replicas.rotate();
             return false;
         }
         self.conn = Some(c);
@@ -792,18 +798,12 @@ impl Leader {
 
     fn redirect(&mut self, addr: String) {
         self.conn = None;
-        match self.addrs.iter().position(|a| *a == addr) {
-            Some(i) => self.next = i,
-            None => {
-                self.addrs.push(addr);
-                self.next = self.addrs.len() - 1;
-            }
-        }
+        self.replicas.redirect(addr);
     }
 
     fn rotate(&mut self) {
         self.conn = None;
-        self.next = (self.next + 1) % self.addrs.len();
+        self.replicas.rotate();
     }
 }
 
@@ -823,8 +823,7 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
     let epoch = e.epoch.load(Ordering::SeqCst);
     let client = Bytes::from(format!("kv-{epoch}"));
     let mut leader = Leader {
-        addrs: e.cfg.log.clone(),
-        next: 0,
+        replicas: Replicas::new(e.cfg.log.clone()),
         conn: None,
     };
     let mut inflight: VecDeque<Batch> = VecDeque::new();
@@ -1047,13 +1046,7 @@ async fn upload_checkpoint(addrs: &[String], index: u64, data: &[u8]) -> Result<
             Err(err) => return Err(err.to_string()),
         }
     }
-    let addr = log
-        .connected_to()
-        .ok_or("no logserver connection")?
-        .to_string();
-    let mut conn = Client::connect(addr.as_str())
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
+    let (addr, mut conn) = connect_alongside(&log).await?;
     loop {
         let mut sent = 0;
         for (n, chunk) in chunks.by_ref().take(CKPT_WINDOW) {

@@ -12,10 +12,45 @@ use crate::client::{Client, ClientError, Result};
 use crate::log::Request;
 use crate::response::{parse_u64, ErrorCode, Response};
 
-pub struct LogClient {
-    replicas: Vec<String>,
-    /// Index into `replicas` (or a redirect target appended to it) to try next.
+/// Which replica to try next: the one a `REDIRECT` named, else round-robin over the rest.
+#[derive(Debug, Clone)]
+pub struct Replicas {
+    addrs: Vec<String>,
+    /// Index into `addrs` (or a redirect target appended to it) to try next.
     next: usize,
+}
+
+impl Replicas {
+    pub fn new(addrs: Vec<String>) -> Replicas {
+        Replicas { addrs, next: 0 }
+    }
+
+    /// The address to try now.
+    pub fn current(&self) -> &str {
+        self.addrs
+            .get(self.next % self.addrs.len().max(1))
+            .map_or("", String::as_str)
+    }
+
+    /// The leader is `addr`: try it next (remembering it if it was not listed).
+    pub fn redirect(&mut self, addr: String) {
+        match self.addrs.iter().position(|r| *r == addr) {
+            Some(i) => self.next = i,
+            None => {
+                self.addrs.push(addr);
+                self.next = self.addrs.len() - 1;
+            }
+        }
+    }
+
+    /// The current one failed: move on to the next.
+    pub fn rotate(&mut self) {
+        self.next = (self.next + 1) % self.addrs.len().max(1);
+    }
+}
+
+pub struct LogClient {
+    replicas: Replicas,
     conn: Option<(String, Client)>,
     /// How long one call keeps retrying before giving up.
     pub deadline: Duration,
@@ -25,8 +60,7 @@ impl LogClient {
     /// `replicas`: the DKSP addresses of the log replicas, any order.
     pub fn new(replicas: Vec<String>) -> LogClient {
         LogClient {
-            replicas,
-            next: 0,
+            replicas: Replicas::new(replicas),
             conn: None,
             deadline: Duration::from_secs(10),
         }
@@ -39,7 +73,7 @@ impl LogClient {
 
     async fn connection(&mut self) -> Result<&mut Client> {
         if self.conn.is_none() {
-            let addr = self.replicas[self.next % self.replicas.len()].clone();
+            let addr = self.replicas.current().to_string();
             let c = tokio::time::timeout(Duration::from_secs(1), Client::connect(addr.as_str()))
                 .await
                 .map_err(|_| ClientError::Io(std::io::ErrorKind::TimedOut.into()))??;
@@ -53,18 +87,12 @@ impl LogClient {
 
     fn redirect(&mut self, addr: String) {
         self.conn = None;
-        match self.replicas.iter().position(|r| *r == addr) {
-            Some(i) => self.next = i,
-            None => {
-                self.replicas.push(addr);
-                self.next = self.replicas.len() - 1;
-            }
-        }
+        self.replicas.redirect(addr);
     }
 
     fn rotate(&mut self) {
         self.conn = None;
-        self.next = (self.next + 1) % self.replicas.len();
+        self.replicas.rotate();
     }
 
     /// Sends a leader-only request, following redirects and retrying through failovers.
