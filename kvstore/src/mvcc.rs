@@ -95,7 +95,11 @@ impl Store {
     /// Installs a committed transaction's writes at `commit_ts`.
     pub fn apply(&mut self, commit_ts: u64, writes: &[(Bytes, Option<Bytes>)]) {
         for (key, value) in writes {
-            let versions = self.keys.entry(key.clone()).or_default();
+            // Most keys only ever hold one version: do not let the first push reserve four.
+            let versions = self
+                .keys
+                .entry(key.clone())
+                .or_insert_with(|| Vec::with_capacity(1));
             if versions.is_empty() {
                 self.bytes += key.len();
             }
