@@ -74,7 +74,7 @@ async fn nemesis_slow_links() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nemesis_restart_everything() {
-    short_run(Nemesis::RestartAll, "killed and restarted every process").await;
+    short_run(Nemesis::RestartAll, "restarted every process").await;
 }
 
 /// Runs `BEGIN; GET x; GET y; PUT <mine>` on a connection, leaving the COMMIT to the caller.

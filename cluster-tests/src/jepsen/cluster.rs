@@ -128,11 +128,21 @@ impl FaultyCluster {
     /// kill -9 every process, then start them all again (replicas, sequencer, kvstore) and
     /// wait until the kvstore serves.
     pub async fn restart_all(&mut self) {
+        self.kill_all();
+        self.start_all().await;
+    }
+
+    /// kill -9 every process.
+    pub fn kill_all(&mut self) {
         self.sys.kill_kv();
         for i in 0..self.sys.log.replicas.len() {
             self.sys.log.kill9(i);
         }
         self.sys.seq.proc_.kill9();
+    }
+
+    /// Starts every process after [`kill_all`](Self::kill_all).
+    pub async fn start_all(&mut self) {
         for i in 0..self.sys.log.replicas.len() {
             self.sys.log.restart(i).await;
         }

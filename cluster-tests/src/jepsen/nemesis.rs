@@ -30,7 +30,7 @@ pub enum Nemesis {
     PartitionLeader(Mode),
     /// Add one-way latency to every link, up to this many milliseconds.
     SlowLinks(u64),
-    /// kill -9 every process and start them all again.
+    /// kill -9 every process; start them all again at the heal.
     RestartAll,
 }
 
@@ -58,7 +58,7 @@ impl fmt::Display for Nemesis {
             Nemesis::PartitionLeader(Mode::Refuse) => write!(f, "partition log leader (refuse)"),
             Nemesis::PartitionLeader(_) => write!(f, "partition log leader (blackhole)"),
             Nemesis::SlowLinks(ms) => write!(f, "slow links (up to {ms} ms one way)"),
-            Nemesis::RestartAll => write!(f, "kill -9 and restart everything"),
+            Nemesis::RestartAll => write!(f, "kill -9 everything"),
         }
     }
 }
@@ -131,7 +131,7 @@ pub fn random(seed: u64, total: Duration) -> Vec<Step> {
 
 /// A fault in force, with what healing it needs.
 pub enum Active {
-    Nothing,
+    Everything,
     Kvstore,
     Sequencer,
     Replica(usize),
@@ -212,8 +212,8 @@ pub async fn inject(fc: &mut FaultyCluster, step: &Step) -> (Active, String) {
             (Active::Slow, format!("slowed links: {}", delays.join(" ")))
         }
         Nemesis::RestartAll => {
-            fc.restart_all().await;
-            (Active::Nothing, "killed and restarted every process".into())
+            fc.kill_all();
+            (Active::Everything, "killed every process".into())
         }
     }
 }
@@ -221,7 +221,10 @@ pub async fn inject(fc: &mut FaultyCluster, step: &Step) -> (Active, String) {
 /// Heals a fault. An `Err` is a property the nemesis checks that failed.
 pub async fn heal(fc: &mut FaultyCluster, active: Active) -> Result<String, String> {
     match active {
-        Active::Nothing => Ok("nothing to heal".into()),
+        Active::Everything => {
+            fc.start_all().await;
+            Ok("restarted every process".into())
+        }
         Active::Kvstore => {
             fc.sys.start_kv().await;
             Ok("restarted the kvstore".into())
