@@ -28,6 +28,30 @@ async fn short_run(n: Nemesis, expect: &str) {
         "{n}: no event mentions {expect:?}:\n{summary}"
     );
     assert!(r.report.ok > 0 && r.history.txns.iter().any(|t| t.is_final));
+    checkers_catch_a_doctored_history(r.history);
+}
+
+/// Proof that the checkers are exercised by this very history: claim one committed append
+/// that the final read shows was aborted instead; both checkers must call that an aborted read.
+fn checkers_catch_a_doctored_history(mut h: History) {
+    let victim = h
+        .txns
+        .iter()
+        .position(|t| {
+            t.outcome == Outcome::Ok && t.mops.iter().any(|m| matches!(m, Mop::Append { .. }))
+        })
+        .expect("some transaction appended");
+    h.txns[victim].outcome = Outcome::Fail;
+    h.txns[victim].note = "doctored".into();
+    let found = checker::check(&h);
+    assert!(
+        found
+            .iter()
+            .any(|a| a.kind == "G1a" && a.txns.contains(&victim)),
+        "T{victim} doctored to aborted, yet no G1a: {found:#?}"
+    );
+    let v = elle::list_append(&h, elle::PROMISED);
+    assert_eq!(v.valid, adya::Valid::False, "{}", v.line());
 }
 
 /// `target/jepsen/<name>`: the last run's history and report, for a failure's post-mortem.
