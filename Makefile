@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test lint drill bench-seq bench-log bench-kv clean
+.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv clean
 
 DATA ?= ./data
 
@@ -26,6 +26,16 @@ cluster: build
 test:
 	cargo build --workspace --bins
 	cargo test --workspace
+
+## Jepsen-style torture: a random schedule of faults for SECONDS under a transactional load, then
+## the history checked for snapshot isolation and durability. Prints its seed; SEED=n replays
+## the same schedule. History and report land in target/jepsen/<seed>/.
+SECONDS ?= 600
+SEED ?=
+torture:
+	cargo build --workspace --bins
+	TORTURE_SECONDS=$(SECONDS) TORTURE_SEED=$(SEED) \
+		cargo test -p cluster-tests --test jepsen -- --ignored --exact torture --nocapture
 
 ## Recovery drill against the running system: kill -9 the kvstore and the log leader under load.
 drill: run

@@ -5,6 +5,7 @@
 //! The binaries must be built first: `make test` runs `cargo build --workspace --bins` before
 //! the tests. A missing binary fails the test with that instruction.
 
+pub mod jepsen;
 pub mod workload;
 
 use std::net::{SocketAddr, TcpListener};
@@ -237,6 +238,11 @@ pub struct Replica {
     pub id: u64,
     pub dksp: SocketAddr,
     pub raft: SocketAddr,
+    /// The DKSP address the membership advertises (in `REDIRECT`s): `dksp`, unless clients
+    /// reach this replica through a proxy.
+    pub advertise: SocketAddr,
+    /// Arguments for this replica only (e.g. `--raft-route`).
+    pub extra: Vec<String>,
     pub data_dir: PathBuf,
     pub proc_: Option<Proc>,
 }
@@ -251,32 +257,47 @@ pub struct LogCluster {
 impl LogCluster {
     /// Starts three replicas (replica 1 with `--init`) and waits for a leader.
     pub async fn start(extra: &[&str]) -> LogCluster {
+        let mut c = LogCluster::new(extra);
+        c.launch().await;
+        c
+    }
+
+    /// Three replicas with their ports and directories chosen, none started yet.
+    pub fn new(extra: &[&str]) -> LogCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let replicas = (1..=3)
-            .map(|id| Replica {
-                id,
-                dksp: local(free_port()),
-                raft: local(free_port()),
-                data_dir: dir.path().join(format!("log-{id}")),
-                proc_: None,
+            .map(|id| {
+                let dksp = local(free_port());
+                Replica {
+                    id,
+                    dksp,
+                    raft: local(free_port()),
+                    advertise: dksp,
+                    extra: Vec::new(),
+                    data_dir: dir.path().join(format!("log-{id}")),
+                    proc_: None,
+                }
             })
             .collect();
-        let mut c = LogCluster {
+        LogCluster {
             dir,
             replicas,
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        for i in 0..3 {
-            c.spawn(i, i == 0).await;
         }
-        c.wait_for_leader().await;
-        c
+    }
+
+    /// Starts every replica of a [`new`](Self::new) cluster and waits for a leader.
+    pub async fn launch(&mut self) {
+        for i in 0..self.replicas.len() {
+            self.spawn(i, i == 0).await;
+        }
+        self.wait_for_leader().await;
     }
 
     pub fn peers(&self) -> String {
         self.replicas
             .iter()
-            .map(|r| format!("{}={}/{}", r.id, r.raft, r.dksp))
+            .map(|r| format!("{}={}/{}", r.id, r.raft, r.advertise))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -304,6 +325,7 @@ impl LogCluster {
             args.push("--init".into());
         }
         args.extend(self.extra.iter().cloned());
+        args.extend(r.extra.iter().cloned());
         std::fs::create_dir_all(&r.data_dir).expect("data dir");
         let log = self.dir.path().join(format!("log-{}.log", r.id));
         let mut p = Proc::spawn("logserver", &args, &log);
@@ -397,25 +419,36 @@ pub struct System {
     pub kv: Option<Proc>,
     pub kv_addr: SocketAddr,
     pub kv_extra: Vec<String>,
+    /// Where the kvstore is told the sequencer and the log replicas are: their own addresses,
+    /// unless the links go through proxies.
+    pub kv_seq_route: String,
+    pub kv_log_route: Vec<String>,
     kv_starts: usize,
 }
 
 impl System {
     pub async fn start(kv_extra: &[&str]) -> System {
         let log = LogCluster::start(&[]).await;
+        let mut s = System::assemble(log, kv_extra).await;
+        s.start_kv().await;
+        s
+    }
+
+    /// A sequencer next to a running log cluster; the kvstore is not started yet.
+    pub async fn assemble(log: LogCluster, kv_extra: &[&str]) -> System {
         let seq_dir = log.dir.path().join("sequencer");
         std::fs::create_dir_all(&seq_dir).expect("sequencer dir");
         let seq = Sequencer::start(&seq_dir, &[]).await;
-        let mut s = System {
+        System {
+            kv_seq_route: seq.addr.to_string(),
+            kv_log_route: log.addrs(),
             log,
             seq,
             kv: None,
             kv_addr: local(free_port()),
             kv_extra: kv_extra.iter().map(|s| s.to_string()).collect(),
             kv_starts: 0,
-        };
-        s.start_kv().await;
-        s
+        }
     }
 
     /// Arguments for a kvstore on `addr` pointed at this system's sequencer and log.
@@ -424,9 +457,9 @@ impl System {
             "--listen".to_string(),
             addr.to_string(),
             "--sequencer".into(),
-            self.seq.addr.to_string(),
+            self.kv_seq_route.clone(),
             "--log".into(),
-            self.log.addrs().join(","),
+            self.kv_log_route.join(","),
         ];
         args.extend(self.kv_extra.iter().cloned());
         args

@@ -53,6 +53,10 @@ struct Args {
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
+    /// Testing hook: `id=addr,...` dials `addr` for Raft traffic to peer `id` instead of the
+    /// address in the membership (the fault-injection tests route each link through a proxy).
+    #[arg(long, default_value = "")]
+    raft_route: String,
 }
 
 #[tokio::main]
@@ -60,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
     protocol::server::init_logging();
     let args = Args::parse();
     let peers = parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
+    let routes = parse_routes(&args.raft_route).map_err(anyhow::Error::msg)?;
     let config = openraft::Config {
         cluster_name: "dtkv-log".into(),
         heartbeat_interval: args.heartbeat_ms,
@@ -91,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
     let raft: Raft = Raft::new(
         args.id,
         Arc::new(config),
-        logserver::network::Network,
+        logserver::network::Network { routes },
         log,
         sm.clone(),
     )
@@ -145,4 +150,20 @@ async fn main() -> anyhow::Result<()> {
     let _ = serving.await;
     let _ = raft.shutdown().await;
     Ok(())
+}
+
+/// `--raft-route`: `id=addr,...`.
+fn parse_routes(s: &str) -> Result<std::collections::BTreeMap<NodeId, String>, String> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|part| {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| format!("route {part:?} is not id=addr"))?;
+            let id = id
+                .parse()
+                .map_err(|_| format!("route id {id:?} is not a number"))?;
+            Ok((id, addr.to_string()))
+        })
+        .collect()
 }

@@ -69,16 +69,23 @@ fn codec() -> LengthDelimitedCodec {
 
 /// Creates a [`PeerClient`] per target; openraft asks for one per replication stream, per
 /// snapshot stream and per election round.
-pub struct Network;
+#[derive(Clone, Default)]
+pub struct Network {
+    /// Per-peer overrides of the Raft address to dial (`--raft-route`, a testing hook): the
+    /// fault-injection tests put a proxy on every replica-to-replica link, so each replica
+    /// must dial its own proxy for a peer while the membership keeps the peer's real address.
+    pub routes: std::collections::BTreeMap<NodeId, String>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
         // No dialling here: this must not block or fail, and the peer may well be down.
+        let addr = self.routes.get(&target).unwrap_or(&node.raft_addr).clone();
         PeerClient {
             target,
-            addr: node.raft_addr.clone(),
+            addr,
             conn: None,
             busy: false,
         }
@@ -530,7 +537,7 @@ mod tests {
     #[tokio::test]
     async fn new_client_does_not_dial_and_a_dead_peer_is_unreachable() {
         let addr = free_port_addr();
-        let mut client = Network.new_client(2, &node(&addr)).await;
+        let mut client = Network::default().new_client(2, &node(&addr)).await;
         assert!(client.conn.is_none());
         let r = client
             .vote(
@@ -543,6 +550,22 @@ mod tests {
             .append_entries(append_request(), RPCOption::new(Duration::from_secs(1)))
             .await;
         assert!(matches!(r, Err(RPCError::Unreachable(_))), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn a_route_overrides_the_membership_address_for_its_peer_only() {
+        let routed = Network {
+            routes: [(2, "127.0.0.1:7".to_string())].into(),
+        };
+        let mut net = routed.clone();
+        assert_eq!(
+            net.new_client(2, &node("127.0.0.1:9")).await.addr,
+            "127.0.0.1:7"
+        );
+        assert_eq!(
+            net.new_client(3, &node("127.0.0.1:9")).await.addr,
+            "127.0.0.1:9"
+        );
     }
 
     /// A stand-in peer that answers each vote with the request's own vote, after `delay` for
@@ -659,7 +682,7 @@ mod tests {
         }
         .validate()
         .expect("config");
-        let raft = Raft::new(1, Arc::new(config), Network, log, sm)
+        let raft = Raft::new(1, Arc::new(config), Network::default(), log, sm)
             .await
             .expect("raft");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
