@@ -760,6 +760,9 @@ async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, 
 
 /// Log entries the committer keeps in flight at once.
 const MAX_INFLIGHT_BATCHES: usize = 8;
+/// With appends in flight and no reply for this long, the committer tries another replica: a
+/// log leader cut off from its majority keeps appends without ever answering them.
+const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One log entry on its way: its APPEND line (which carries its `(client, seq)`) and who waits
 /// for it.
@@ -830,13 +833,21 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
     let mut seq = 0u64;
     let mut seen_epoch = epoch;
     let mut closed = false;
+    // When the oldest append in flight was (re)sent or last made progress.
+    let mut progress = tokio::time::Instant::now();
     loop {
         if closed && inflight.is_empty() {
             return;
         }
-        if leader.conn.is_none() && !inflight.is_empty() && !leader.reconnect(&inflight).await {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        if leader.conn.is_none() && !inflight.is_empty() {
+            if !leader.reconnect(&inflight).await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            progress = tokio::time::Instant::now();
+        }
+        if inflight.is_empty() {
+            progress = tokio::time::Instant::now();
         }
         let can_take = !closed && inflight.len() < MAX_INFLIGHT_BATCHES;
         tokio::select! {
@@ -845,6 +856,7 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                 Ok(Response::Ok(args)) if args.len() == 1 => {
                     match protocol::response::parse_u64(&args[0]) {
                         Ok(index) => {
+                            progress = tokio::time::Instant::now();
                             if let Some(batch) = inflight.pop_front() {
                                 finish_batch(&e, batch, index, &mut log, epoch, &mut seen_epoch)
                                     .await;
@@ -868,6 +880,14 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                     leader.rotate();
                 }
             },
+            _ = tokio::time::sleep_until(progress + APPEND_TIMEOUT), if !inflight.is_empty() => {
+                tracing::warn!(
+                    "no answer from log replica {} for {APPEND_TIMEOUT:?}; trying another with {} appends",
+                    leader.replicas.current(),
+                    inflight.len()
+                );
+                leader.rotate();
+            }
             req = rx.recv(), if can_take => {
                 let Some(first) = req else {
                     closed = true;

@@ -54,6 +54,10 @@ pub struct LogClient {
     conn: Option<(String, Client)>,
     /// How long one call keeps retrying before giving up.
     pub deadline: Duration,
+    /// How long one attempt waits for its reply before trying another replica. A leader cut
+    /// off from its majority keeps the request without answering (openraft 0.9 leaders do not
+    /// step down on their own), so without this a call would wait out the whole partition.
+    pub attempt_timeout: Duration,
 }
 
 impl LogClient {
@@ -63,6 +67,7 @@ impl LogClient {
             replicas: Replicas::new(replicas),
             conn: None,
             deadline: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(2),
         }
     }
 
@@ -101,8 +106,9 @@ impl LogClient {
         let mut backoff = Duration::from_millis(10);
         let mut last_err: Option<ClientError> = None;
         while start.elapsed() < self.deadline {
+            let limit = self.attempt_timeout;
             let attempt = match self.connection().await {
-                Ok(c) => c.call(line).await,
+                Ok(c) => within(limit, c.call(line)).await,
                 Err(e) => Err(e),
             };
             match attempt {
@@ -147,8 +153,9 @@ impl LogClient {
     pub async fn read(&mut self, from: u64, max: Option<u64>) -> Result<Vec<(u64, Bytes)>> {
         let start = Instant::now();
         loop {
+            let limit = self.attempt_timeout;
             let attempt = match self.connection().await {
-                Ok(c) => c.read_log(from, max).await,
+                Ok(c) => within(limit, c.read_log(from, max)).await,
                 Err(e) => Err(e),
             };
             match attempt {
@@ -164,4 +171,15 @@ impl LogClient {
             }
         }
     }
+}
+
+/// `fut`, or a timeout error after `limit` (the caller then drops the connection, so a late
+/// reply is never taken for the next request's).
+async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(ClientError::Io(std::io::ErrorKind::TimedOut.into())))
 }
