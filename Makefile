@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv clean
+.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv bench bench-peers clean
 
 DATA ?= ./data
 
@@ -53,6 +53,16 @@ bench-log: build
 
 bench-kv: build
 	cargo bench -p cluster-tests --bench kvstore
+
+## The standard load (dtkv-bench suite) against a fresh system under ./bench/data, results in
+## bench/results/<date>.json and .md. Needs the default ports free. Not part of `make test`.
+bench: build
+	scripts/bench.sh
+
+## The same load against PostgreSQL, a 3-member etcd and Redis (installed from Debian packages
+## if missing), then one table with the ratios. Manual: installs packages, takes minutes.
+bench-peers: build
+	scripts/bench-peers.sh
 
 clean: stop
 	rm -rf $(DATA)

@@ -6,6 +6,7 @@
 //! the tests. A missing binary fails the test with that instruction.
 
 pub mod jepsen;
+pub mod loadgen;
 pub mod workload;
 
 use std::net::{SocketAddr, TcpListener};
