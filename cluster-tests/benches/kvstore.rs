@@ -9,6 +9,7 @@
 //! Everything shares this machine's two cores: compare rows of one run.
 
 use bytes::Bytes;
+use cluster_tests::loadgen::{percentile as pct, Zipf};
 use cluster_tests::System;
 use protocol::{Client, CommitOutcome, Response};
 use rand::{Rng, SeedableRng};
@@ -16,34 +17,6 @@ use std::time::{Duration, Instant};
 
 const SECONDS: f64 = 3.0;
 const KEYS: usize = 10_000;
-
-fn pct(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p) as usize]
-}
-
-/// Zipfian sampler over `0..n` by inverse CDF.
-struct Zipf(Vec<f64>);
-
-impl Zipf {
-    fn new(n: usize, s: f64) -> Zipf {
-        let mut cdf = Vec::with_capacity(n);
-        let mut sum = 0.0;
-        for i in 1..=n {
-            sum += 1.0 / (i as f64).powf(s);
-            cdf.push(sum);
-        }
-        cdf.iter_mut().for_each(|c| *c /= sum);
-        Zipf(cdf)
-    }
-
-    fn sample(&self, rng: &mut impl Rng) -> usize {
-        let u: f64 = rng.gen();
-        self.0.partition_point(|&c| c < u).min(self.0.len() - 1)
-    }
-}
 
 #[derive(Clone, Copy)]
 enum Work {
@@ -67,7 +40,7 @@ struct RowResult {
 }
 
 async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usize) -> RowResult {
-    let zipf = std::sync::Arc::new(Zipf::new(KEYS, 0.99));
+    let zipf = std::sync::Arc::new(Zipf::new(KEYS as u64, 0.99));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(SECONDS);
     let tasks: Vec<_> = (0..clients)
@@ -108,7 +81,7 @@ async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usiz
                         while Instant::now() < deadline {
                             let pick = |rng: &mut rand::rngs::StdRng| {
                                 if z {
-                                    zipf.sample(rng)
+                                    zipf.sample(rng) as usize
                                 } else {
                                     rng.gen_range(0..KEYS)
                                 }

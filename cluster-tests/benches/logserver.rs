@@ -6,18 +6,12 @@
 //! acknowledged append. All replicas and the load share this machine's cores and disk, so
 //! compare rows of one run.
 
+use cluster_tests::loadgen::percentile as pct;
 use cluster_tests::LogCluster;
 use protocol::{Client, LogClient, Response};
 use std::time::{Duration, Instant};
 
 const SECONDS: f64 = 5.0;
-
-fn pct(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p) as usize]
-}
 
 async fn run(leader: String, clients: usize, depth: usize) -> (f64, Vec<u32>) {
     let payload = "x".repeat(100);

@@ -228,6 +228,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// The `p` quantile (0..=1) of already sorted samples; 0 for none.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
 /// Zipfian sampler over `0..n` by inverse CDF: rank 0 is the hottest key.
 pub struct Zipf(Vec<f64>);
 
