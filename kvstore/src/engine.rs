@@ -457,9 +457,12 @@ impl Engine {
         }
     }
 
-    /// Applies one log entry's records in order; returns how many commits it applied.
-    fn apply_entry(&self, payload: &[u8], epoch: &mut u64) -> Result<u64, String> {
-        Ok(self.apply_records(Record::parse_entry(payload)?, epoch))
+    /// Applies one log entry's records in order and counts the commits it applied.
+    fn apply_counted(&self, records: Vec<Record>, epoch: &mut u64) {
+        let n = self.apply_records(records, epoch);
+        self.commits.fetch_add(n, Ordering::Relaxed);
+        self.commits_since_checkpoint
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     fn apply_records(&self, records: Vec<Record>, epoch: &mut u64) -> u64 {
@@ -492,10 +495,7 @@ impl Engine {
         let mut count = 0;
         while let Some(page) = pages.recv().await {
             for (i, records) in page? {
-                let n = self.apply_records(records, epoch);
-                self.commits.fetch_add(n, Ordering::Relaxed);
-                self.commits_since_checkpoint
-                    .fetch_add(n, Ordering::Relaxed);
+                self.apply_counted(records, epoch);
                 last = i;
                 count += 1;
             }
@@ -569,7 +569,7 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?;
         if at > index + 1 {
-            self.read_and_apply(log, index + 1, Some(at - 1), &mut seen_epoch, false)
+            self.read_and_apply(log, index + 1, at - 1, &mut seen_epoch)
                 .await?;
         }
         if seen_epoch > my_epoch {
@@ -585,55 +585,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads entries `from..=to` (to the end if `to` is None) and applies them. Returns (last
-    /// index read, entries read).
+    /// Reads entries `from..=to`, which are known to exist, and applies them.
     async fn read_and_apply(
         &self,
         log: &mut LogClient,
         from: u64,
-        to: Option<u64>,
+        to: u64,
         epoch: &mut u64,
-        progress: bool,
-    ) -> Result<(u64, u64), String> {
+    ) -> Result<(), String> {
         let mut next = from;
-        let mut count = 0;
-        loop {
-            if to.is_some_and(|t| next > t) {
-                break;
-            }
+        while next <= to {
             let page = log
-                .read(next, Some(10_000))
+                .read(next, Some(to - next + 1))
                 .await
                 .map_err(|e| e.to_string())?;
             if page.is_empty() {
-                if to.is_some() {
-                    // A lagging replica: ask again until it has the entries we know exist.
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                }
-                break;
+                // A lagging replica: ask again until it has the entries we know exist.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
             }
-            for (i, payload) in page {
-                if to.is_some_and(|t| i > t) {
-                    break;
-                }
-                let n = self.apply_entry(&payload, epoch)?;
-                self.commits.fetch_add(n, Ordering::Relaxed);
-                self.commits_since_checkpoint
-                    .fetch_add(n, Ordering::Relaxed);
+            for (i, payload) in page.into_iter().take_while(|(i, _)| *i <= to) {
+                self.apply_counted(Record::parse_entry(&payload)?, epoch);
                 next = i + 1;
-                count += 1;
-            }
-            if progress {
-                if let Mode::Replaying { total, .. } = self.mode() {
-                    self.set_mode(Mode::Replaying {
-                        done: next - 1,
-                        total: total.max(next - 1),
-                    });
-                }
             }
         }
-        Ok((next - 1, count))
+        Ok(())
     }
 
     /// (applied log index, epoch, open snapshots, in-flight commits).
@@ -648,10 +624,11 @@ impl Engine {
     }
 }
 
-/// Pages of parsed log entries from `from` to the end (an empty page), read ahead of the
-/// consumer; an error ends the stream.
+/// One page of parsed log entries, or the error that ended the stream.
 type Page = Result<Vec<(u64, Vec<Record>)>, String>;
 
+/// Pages of parsed log entries from `from` to the end (an empty page), read ahead of the
+/// consumer on a connection of their own.
 fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
@@ -951,10 +928,7 @@ async fn finish_batch(
     let expected = e.applied_index.load(Ordering::SeqCst) + 1;
     if index > expected {
         // Someone else appended in between: read what, and check for a newer epoch.
-        if let Err(err) = e
-            .read_and_apply(log, expected, Some(index - 1), seen_epoch, false)
-            .await
-        {
+        if let Err(err) = e.read_and_apply(log, expected, index - 1, seen_epoch).await {
             tracing::error!("reading appends by another writer failed: {err}");
         }
     }

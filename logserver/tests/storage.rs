@@ -48,6 +48,12 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("runtime")
 }
 
+/// The last log id of the log in `dir`, opened afresh (as after a restart).
+async fn last_after_reopen(dir: &Path) -> Option<openraft::LogId<u64>> {
+    let mut log = LogStore::open(dir).unwrap();
+    log.get_log_state().await.unwrap().last_log_id
+}
+
 fn segments(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = fs::read_dir(dir)
         .unwrap()
@@ -87,11 +93,7 @@ fn log_vote_and_purge_survive_reopen() {
             .await
             .unwrap();
         drop(log);
-        let mut log = LogStore::open(dir.path()).unwrap();
-        assert_eq!(
-            log.get_log_state().await.unwrap().last_log_id,
-            Some(log_id(1, 1, 18))
-        );
+        assert_eq!(last_after_reopen(dir.path()).await, Some(log_id(1, 1, 18)));
     });
 }
 
@@ -124,11 +126,7 @@ fn torn_or_corrupt_final_record_is_truncated() {
                 .await
                 .unwrap();
             drop(log);
-            let mut log = LogStore::open(dir.path()).unwrap();
-            assert_eq!(
-                log.get_log_state().await.unwrap().last_log_id,
-                Some(log_id(1, 1, 10))
-            );
+            assert_eq!(last_after_reopen(dir.path()).await, Some(log_id(1, 1, 10)));
         }
     });
 }
