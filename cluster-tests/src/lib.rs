@@ -31,10 +31,35 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port that was free a moment ago. Binding :0 and closing leaves a tiny race with
-/// other processes, which retrying the whole test would hide; in practice the kernel does not
-/// hand the same ephemeral port out again at once.
+/// A loopback port that is free now, for a server a test starts (maybe more than once: a
+/// restarted process binds its port again).
+///
+/// The port comes from below the kernel's ephemeral range when there is room there. A port
+/// from the ephemeral range (what binding `:0` gives) can be taken, while its process is down
+/// for a restart, as the source port of some other test's outgoing connection, and the restart
+/// then fails with "address in use". Ports are handed out once per test process, starting at
+/// an offset from the pid so that concurrent test processes rarely meet.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low >= LOW + 2_000 {
+        let span = ephemeral_low - LOW;
+        let offset = std::process::id().wrapping_mul(7919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = LOW + (offset + n) % span;
+            if let Ok(port) = u16::try_from(port) {
+                if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                    return port;
+                }
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
