@@ -155,6 +155,35 @@ async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usiz
     r
 }
 
+/// CPU time (user + system) a process has used so far, in µs, from /proc/<pid>/stat.
+fn cpu_us(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 of `rest`.
+    let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+    ticks * 1_000_000 / 100
+}
+
+/// CPU time used so far by the kvstore, the three log replicas together, and this process.
+fn cpu_now(sys: &cluster_tests::System) -> [u64; 3] {
+    let kv = sys.kv.as_ref().and_then(|p| p.pid()).map_or(0, cpu_us);
+    let log = sys
+        .log
+        .replicas
+        .iter()
+        .filter_map(|r| r.proc_.as_ref()?.pid())
+        .map(cpu_us)
+        .sum();
+    [kv, log, cpu_us(std::process::id())]
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -174,8 +203,11 @@ fn main() {
         // Preload the 10,000 keys so GETs find values.
         run(addr, Work::Put, 16, 32).await;
         println!("\nkvstore, 3 log replicas, {SECONDS} s per row, {KEYS} keys\n");
-        println!("| workload | clients | in flight | ops/s | abort rate | p50 µs | p99 µs |");
-        println!("|---|---:|---:|---:|---:|---:|---:|");
+        // CPU columns: CPU time per completed operation (transaction, for RMW) in the kvstore,
+        // in the three log replicas together, and in this load generator. Unlike ops/s they
+        // barely move with the machine's noise, so they show what a change costs.
+        println!("| workload | clients | in flight | ops/s | abort rate | p50 µs | p99 µs | kv CPU µs/op | log CPU µs/op | client CPU µs/op |");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let rows: Vec<(&str, Work, usize, usize)> = vec![
             ("autocommit PUT", Work::Put, 1, 1),
             ("autocommit PUT", Work::Put, 16, 1),
@@ -201,14 +233,20 @@ fn main() {
             if !only.is_empty() && !only.iter().any(|w| lname.contains(w.as_str())) {
                 continue;
             }
+            let cpu0 = cpu_now(&sys);
             let r = run(addr, work, clients, depth).await;
+            let cpu1 = cpu_now(&sys);
             let total = r.ops + r.aborts;
+            let per_op = |i: usize| (cpu1[i] - cpu0[i]) as f64 / total.max(1) as f64;
             println!(
-                "| {name} | {clients} | {depth} | {:.0} | {:.1}% | {} | {} |",
+                "| {name} | {clients} | {depth} | {:.0} | {:.1}% | {} | {} | {:.1} | {:.1} | {:.1} |",
                 r.ops as f64 / r.elapsed,
                 if total > 0 { 100.0 * r.aborts as f64 / total as f64 } else { 0.0 },
                 pct(&r.lat, 0.5),
-                pct(&r.lat, 0.99)
+                pct(&r.lat, 0.99),
+                per_op(0),
+                per_op(1),
+                per_op(2)
             );
         }
 

@@ -735,7 +735,14 @@ async fn load_checkpoint(log: &mut LogClient) -> Result<Option<CheckpointData>, 
         .map_err(|e| format!("undecodable checkpoint: {e}"))
 }
 
-/// Log entries the committer keeps in flight at once.
+/// Log entries the committer keeps in flight at most. A new entry goes out while others are in
+/// flight only if the one sent last was full (`BATCH_BYTES`): under a light or moderate load
+/// everything that arrives during a log round trip then goes out as the next single entry, so
+/// each Raft round carries one large entry instead of several small ones and the replicas do
+/// less work per commit, while a heavy pipelined load still keeps several full entries moving.
+/// Measured with 64 clients, one PUT in flight each (bench-kv, one run): always up to 8 in
+/// flight gave 25,000-28,700 PUT/s at 22-29 µs of log-replica CPU per commit; one at a time
+/// gave 31,700-31,900 at 17.6-18.2 µs.
 const MAX_INFLIGHT_BATCHES: usize = 8;
 /// With appends in flight and no reply for this long, the committer tries another replica: a
 /// log leader cut off from its majority keeps appends without ever answering them.
@@ -810,6 +817,8 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
     let mut seq = 0u64;
     let mut seen_epoch = epoch;
     let mut closed = false;
+    // Whether the entry sent last was full, so more is likely queued (see MAX_INFLIGHT_BATCHES).
+    let mut last_full = false;
     // When the oldest append in flight was (re)sent or last made progress.
     let mut progress = tokio::time::Instant::now();
     loop {
@@ -826,7 +835,8 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
         if inflight.is_empty() {
             progress = tokio::time::Instant::now();
         }
-        let can_take = !closed && inflight.len() < MAX_INFLIGHT_BATCHES;
+        let can_take = !closed
+            && (inflight.is_empty() || (last_full && inflight.len() < MAX_INFLIGHT_BATCHES));
         tokio::select! {
             biased;
             reply = next_reply(&mut leader), if !inflight.is_empty() => match reply {
@@ -883,6 +893,7 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                         Err(_) => break,
                     }
                 }
+                last_full = payload.len() >= BATCH_BYTES;
                 let tss: Vec<u64> = reqs
                     .iter()
                     .filter_map(|r| match r.record {
