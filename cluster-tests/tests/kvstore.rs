@@ -147,7 +147,18 @@ async fn logserver_leader_failover_under_load_keeps_every_commit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_kvstore_fences_the_first() {
-    let mut sys = System::start(&[]).await;
+    fencing(true).await;
+}
+
+/// Without the TAIL follower, the commit path alone must still fence: the old kvstore's next
+/// append comes back at an unexpected index and the gap holds the newer EPOCH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_kvstore_fences_the_first_at_its_next_commit() {
+    fencing(false).await;
+}
+
+async fn fencing(tail: bool) {
+    let mut sys = System::start(if tail { &[] } else { &["--no-tail"] }).await;
     let mut old = Client::connect(sys.kv_addr).await.unwrap();
     old.put("before", "old").await.unwrap();
     let addr2 = cluster_tests::local(cluster_tests::free_port());
@@ -155,11 +166,39 @@ async fn a_second_kvstore_fences_the_first() {
     let mut new = Client::connect(addr2).await.unwrap();
     assert_eq!(new.get("before").await.unwrap(), Some(Bytes::from("old")));
     new.put("after", "new").await.unwrap();
-    // The old kvstore finds the newer epoch in the log at its next commit and stops.
+    let old_addr = sys.kv_addr;
+    let fenced_read = || async {
+        let mut c = Client::connect(old_addr).await.unwrap();
+        matches!(c.call(b"GET before").await.unwrap(),
+            Response::Err(e) if e.code == protocol::ErrorCode::Fenced)
+    };
+    if tail {
+        // The TAIL follower sees the newer EPOCH and stops reads too, with no commit on the old
+        // kvstore to find it.
+        wait_until(
+            Duration::from_secs(10),
+            "the old kvstore to fence",
+            fenced_read,
+        )
+        .await;
+        let st = cluster_tests::status(old_addr).await.unwrap();
+        assert_eq!(
+            st.get("state").map(String::as_str),
+            Some("fenced"),
+            "{st:?}"
+        );
+    } else {
+        // Without it the old kvstore still serves (stale) reads until it tries to commit.
+        assert!(
+            !fenced_read().await,
+            "fenced before any commit without TAIL"
+        );
+    }
     match old.call(b"PUT stale value").await.unwrap() {
         Response::Err(e) => assert_eq!(e.code, protocol::ErrorCode::Fenced, "{e}"),
         r => panic!("fenced kvstore answered {r:?}"),
     }
+    assert!(fenced_read().await, "reads after the fence");
     assert_eq!(new.get("stale").await.unwrap(), None);
     // A fresh start replays the same decision.
     let addr3 = cluster_tests::local(cluster_tests::free_port());

@@ -380,6 +380,28 @@ async fn tail_streams_new_entries() {
             .unwrap();
         assert_eq!(r, Response::Entry(seq, format!("e{seq}").into()));
     }
+    // With a prefix, only entries holding a line that starts with it are streamed.
+    let mut m = Client::connect(c.replicas[1].dksp).await.unwrap();
+    m.send(b"TAIL 1 \"EPOCH \"");
+    m.flush().await.unwrap();
+    log.append(b"c", 6, b"COMMIT 1 1 PUT EPOCH x")
+        .await
+        .unwrap();
+    log.append(b"c", 7, b"COMMIT 2 1 PUT a b\nEPOCH 9")
+        .await
+        .unwrap();
+    log.append(b"c", 8, b"EPOCHS 3").await.unwrap();
+    log.append(b"c", 9, b"EPOCH 12").await.unwrap();
+    for expected in [
+        Response::Entry(7, "COMMIT 2 1 PUT a b\nEPOCH 9".into()),
+        Response::Entry(9, "EPOCH 12".into()),
+    ] {
+        let r = tokio::time::timeout(Duration::from_secs(10), m.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r, expected);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -90,6 +90,8 @@ pub struct Config {
     pub log: Vec<String>,
     /// Write a checkpoint after this many commit records.
     pub checkpoint_every: u64,
+    /// Follow the log with TAIL to notice a takeover at once (see `follow`).
+    pub follow_log: bool,
 }
 
 struct TxnState {
@@ -177,6 +179,10 @@ impl Engine {
                     }
                 }
             }
+            let from = e.applied_index.load(Ordering::SeqCst) + 1;
+            if e.cfg.follow_log {
+                tokio::spawn(crate::follow::follow(e.clone(), from));
+            }
             committer_loop(e, rx, log).await;
         });
         let e = engine.clone();
@@ -188,6 +194,29 @@ impl Engine {
             }
         });
         engine
+    }
+
+    /// This kvstore's epoch (0 until recovery has chosen it).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    pub fn log_addrs(&self) -> &[String] {
+        &self.cfg.log
+    }
+
+    /// A newer kvstore (epoch `by`) has taken over the log: stop serving.
+    pub fn fence(&self, by: u64) {
+        let mut m = lock(&self.mode);
+        match *m {
+            Mode::Fenced(old) if old >= by => {}
+            _ => *m = Mode::Fenced(by),
+        }
+    }
+
+    /// The log index applied last: every entry up to it has been read or appended by us.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index.load(Ordering::SeqCst)
     }
 
     pub fn mode(&self) -> Mode {

@@ -7,8 +7,10 @@
 //! - [`record`]: the log records, as readable DKSP text.
 //! - [`engine`]: timestamps, snapshots, first-committer-wins, group commit, fencing, recovery,
 //!   checkpoints.
+//! - [`follow`]: `TAIL`s the log to notice at once that a newer kvstore took over.
 //! - [`server`]: sessions and the DKSP commands.
 pub mod engine;
+pub mod follow;
 pub mod mvcc;
 pub mod record;
 pub mod server;

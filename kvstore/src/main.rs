@@ -32,6 +32,10 @@ struct Args {
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
+    /// Do not follow the log with TAIL. A newer kvstore taking over is then noticed only at
+    /// this one's next commit (for tests of that path, and for diagnosis).
+    #[arg(long)]
+    no_tail: bool,
 }
 
 // glibc's malloc showed as ~12% of the kvstore's CPU under write load (many small,
@@ -60,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         sequencer: args.sequencer.clone(),
         log,
         checkpoint_every: args.checkpoint_every.max(1),
+        follow_log: !args.no_tail,
     });
     tracing::info!(
         "kvstore listening on {}; sequencer {}, log {}",

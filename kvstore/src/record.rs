@@ -57,6 +57,19 @@ impl Record {
             .collect()
     }
 
+    /// The epochs of the `EPOCH` records in one log entry, without parsing its commits: a
+    /// record is one line and quoting escapes newlines, so a line that starts with `EPOCH ` is
+    /// one. Lines that do not parse are skipped (replay reports them).
+    pub fn epochs(payload: &[u8]) -> impl Iterator<Item = u64> + '_ {
+        payload
+            .split(|&b| b == b'\n')
+            .filter(|l| l.starts_with(b"EPOCH "))
+            .filter_map(|l| match Record::parse_line(l) {
+                Ok(Record::Epoch(e)) => Some(e),
+                _ => None,
+            })
+    }
+
     fn parse_line(line: &[u8]) -> Result<Record, String> {
         let args = token::split(line).map_err(|e| e.0)?;
         let num = |i: usize| -> Result<u64, String> {
@@ -119,5 +132,29 @@ mod tests {
         assert_eq!(Record::parse_entry(&payload).unwrap(), recs);
         assert!(Record::parse_entry(b"COMMIT 1 2 PUT k").is_err());
         assert!(Record::parse_entry(b"BOGUS").is_err());
+    }
+
+    #[test]
+    fn epochs_finds_only_epoch_records() {
+        let mut payload = Vec::new();
+        for r in [
+            Record::Commit {
+                ts: 5,
+                epoch: 3,
+                writes: vec![(Bytes::from("k"), Some(Bytes::from("\nEPOCH 99")))],
+            },
+            Record::Epoch(9),
+            Record::Commit {
+                ts: 11,
+                epoch: 9,
+                writes: vec![(Bytes::from("EPOCH"), None)],
+            },
+        ] {
+            r.encode(&mut payload);
+            payload.push(b'\n');
+        }
+        payload.extend_from_slice(b"EPOCH x\nEPOCH 12");
+        // The value's "\nEPOCH 99" is quoted onto its own line; "EPOCH x" does not parse.
+        assert_eq!(Record::epochs(&payload).collect::<Vec<_>>(), vec![9, 12]);
     }
 }

@@ -309,12 +309,12 @@ pub async fn handle(mut conn: Connection, srv: Arc<LogServer>, shutdown: Cancell
                     }
                 };
                 match req {
-                    Request::Tail { from } => {
+                    Request::Tail { from, prefix } => {
                         // Answer everything before, then stream until the client goes away.
                         if drain(&mut conn, &mut pending).await.is_err() {
                             return;
                         }
-                        tail(&mut conn, &srv, from, &shutdown).await;
+                        tail(&mut conn, &srv, from, prefix.as_deref(), &shutdown).await;
                         return;
                     }
                     Request::Quit => {
@@ -519,8 +519,24 @@ fn spawn_reply(f: impl std::future::Future<Output = Result<(), String>> + Send +
     Reply::Waiting(rx)
 }
 
-/// Streams committed entries from `from` as they are applied, until the client closes.
-async fn tail(conn: &mut Connection, srv: &LogServer, from: u64, shutdown: &CancellationToken) {
+/// Whether `payload` holds a line that starts with `prefix`.
+fn has_line_starting(payload: &[u8], prefix: &[u8]) -> bool {
+    payload
+        .split(|&b| b == b'\n')
+        .any(|line| line.starts_with(prefix))
+}
+
+/// Streams committed entries from `from` as they are applied, until the client closes. With
+/// `prefix`, only the entries holding a line that starts with it: a consumer that watches for
+/// rare markers (the kvstore, for a newer `EPOCH`) then costs neither side the quoting and
+/// parsing of every entry.
+async fn tail(
+    conn: &mut Connection,
+    srv: &LogServer,
+    from: u64,
+    prefix: Option<&[u8]>,
+    shutdown: &CancellationToken,
+) {
     let mut applied = srv.sm.subscribe();
     let mut cursor = from.max(1);
     loop {
@@ -532,7 +548,9 @@ async fn tail(conn: &mut Connection, srv: &LogServer, from: u64, shutdown: &Canc
             }
             Ok(entries) if !entries.is_empty() => {
                 for (i, p) in entries {
-                    conn.write_response(&Response::Entry(i, p));
+                    if prefix.is_none_or(|pre| has_line_starting(&p, pre)) {
+                        conn.write_response(&Response::Entry(i, p));
+                    }
                     cursor = i + 1;
                 }
                 if conn.flush().await.is_err() {

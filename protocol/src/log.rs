@@ -18,9 +18,11 @@ pub enum Request {
         from: u64,
         max: Option<u64>,
     },
-    /// Committed entries from `from` as they commit, until the client closes.
+    /// Committed entries from `from` as they commit, until the client closes; with `prefix`,
+    /// only the entries that hold a line starting with it.
     Tail {
         from: u64,
+        prefix: Option<Bytes>,
     },
     AddReplica {
         id: u64,
@@ -83,9 +85,14 @@ impl Request {
                 }
             }
             "TAIL" => {
-                c.arity(1, 1, "TAIL <from>")?;
+                c.arity(1, 2, "TAIL <from> [prefix]")?;
                 Request::Tail {
                     from: c.u64(0, "from")?,
+                    prefix: if c.args.len() == 2 {
+                        Some(c.key(1)?)
+                    } else {
+                        None
+                    },
                 }
             }
             "ADD_REPLICA" => {
@@ -158,7 +165,11 @@ impl Request {
             Request::Read { from, max: Some(m) } => {
                 encode("READ", &[from.to_string(), m.to_string()])
             }
-            Request::Tail { from } => encode("TAIL", &[from.to_string()]),
+            Request::Tail { from, prefix: None } => encode("TAIL", &[from.to_string()]),
+            Request::Tail {
+                from,
+                prefix: Some(p),
+            } => encode("TAIL", &[from.to_string().as_bytes(), p.as_ref()]),
             Request::AddReplica {
                 id,
                 raft_addr,
