@@ -219,6 +219,7 @@ fn main() {
             ("RMW txn, uniform", Work::Rmw { zipf: false }, 1, 1),
             ("RMW txn, uniform", Work::Rmw { zipf: false }, 16, 1),
             ("RMW txn, uniform", Work::Rmw { zipf: false }, 64, 1),
+            ("RMW txn, zipfian", Work::Rmw { zipf: true }, 1, 1),
             ("RMW txn, zipfian", Work::Rmw { zipf: true }, 16, 1),
             ("RMW txn, zipfian", Work::Rmw { zipf: true }, 64, 1),
             ("RMW txn, 2 round trips, uniform", Work::RmwPipelined { zipf: false }, 16, 1),

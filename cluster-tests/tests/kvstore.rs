@@ -208,6 +208,36 @@ async fn fencing(tail: bool) {
     assert_eq!(third.get("after").await.unwrap(), Some(Bytes::from("new")));
 }
 
+/// A few commits of large values trigger a checkpoint by bytes long before the commit count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_is_written_after_enough_bytes() {
+    let sys = System::start(&["--checkpoint-every", "1000000", "--checkpoint-mib", "1"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    let value = "x".repeat(100_000);
+    // 8 x 100 KB: under 1 MiB, so no checkpoint yet.
+    for i in 0..8 {
+        c.put(format!("big{i}"), value.clone()).await.unwrap();
+    }
+    let addr = sys.log.replicas[0].dksp;
+    let mut log = Client::connect(addr).await.unwrap();
+    assert!(
+        matches!(log.call(b"CKPT_INFO").await.unwrap(), Response::Err(_)),
+        "checkpoint before 1 MiB"
+    );
+    for i in 8..16 {
+        c.put(format!("big{i}"), value.clone()).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "a checkpoint by bytes",
+        || async move {
+            let mut log = Client::connect(addr).await.unwrap();
+            matches!(log.call(b"CKPT_INFO").await.unwrap(), Response::Ok(_))
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checkpoints_compact_the_log_and_recovery_uses_them() {
     let mut sys = System::start(&["--checkpoint-every", "50"]).await;

@@ -88,8 +88,10 @@ pub enum Mode {
 pub struct Config {
     pub sequencer: String,
     pub log: Vec<String>,
-    /// Write a checkpoint after this many commit records.
+    /// Write a checkpoint after this many commit records...
     pub checkpoint_every: u64,
+    /// ...or after this many bytes of log payload, whichever comes first.
+    pub checkpoint_bytes: u64,
     /// Follow the log with TAIL to notice a takeover at once (see `follow`).
     pub follow_log: bool,
 }
@@ -132,6 +134,8 @@ pub struct Engine {
     epoch: AtomicU64,
     applied_index: AtomicU64,
     commits_since_checkpoint: AtomicU64,
+    /// Bytes of log payload since the last checkpoint (the other trigger).
+    bytes_since_checkpoint: AtomicU64,
     checkpointing: AtomicBool,
     /// Commit records applied in total (STATUS).
     pub commits: AtomicU64,
@@ -163,6 +167,7 @@ impl Engine {
             epoch: AtomicU64::new(0),
             applied_index: AtomicU64::new(0),
             commits_since_checkpoint: AtomicU64::new(0),
+            bytes_since_checkpoint: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             commits: AtomicU64::new(0),
         });
@@ -486,12 +491,14 @@ impl Engine {
         }
     }
 
-    /// Applies one log entry's records in order and counts the commits it applied.
-    fn apply_counted(&self, records: Vec<Record>, epoch: &mut u64) {
+    /// Applies one log entry (`bytes` of payload) in order and counts the commits it applied.
+    fn apply_counted(&self, records: Vec<Record>, bytes: usize, epoch: &mut u64) {
         let n = self.apply_records(records, epoch);
         self.commits.fetch_add(n, Ordering::Relaxed);
         self.commits_since_checkpoint
             .fetch_add(n, Ordering::Relaxed);
+        self.bytes_since_checkpoint
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     fn apply_records(&self, records: Vec<Record>, epoch: &mut u64) -> u64 {
@@ -523,8 +530,8 @@ impl Engine {
         let mut last = from - 1;
         let mut count = 0;
         while let Some(page) = pages.recv().await {
-            for (i, records) in page? {
-                self.apply_counted(records, epoch);
+            for (i, bytes, records) in page? {
+                self.apply_counted(records, bytes, epoch);
                 last = i;
                 count += 1;
             }
@@ -576,12 +583,15 @@ impl Engine {
         };
         self.set_mode(Mode::Replaying { done: index, total });
         let started = std::time::Instant::now();
+        let commits_before = self.commits.load(Ordering::Relaxed);
         let replayed = self.replay(index + 1, &mut seen_epoch).await?;
         index = replayed.0.max(index);
+        let took = started.elapsed().as_secs_f64();
+        let commits = self.commits.load(Ordering::Relaxed) - commits_before;
         tracing::info!(
-            "replayed {} entries up to index {index} in {:.2} s",
+            "replayed {} entries ({commits} commits) up to index {index} in {took:.2} s ({:.0} commits/s)",
             replayed.1,
-            started.elapsed().as_secs_f64()
+            commits as f64 / took.max(1e-6)
         );
         if seen_epoch > my_epoch {
             return Err(format!(
@@ -634,7 +644,7 @@ impl Engine {
                 continue;
             }
             for (i, payload) in page.into_iter().take_while(|(i, _)| *i <= to) {
-                self.apply_counted(Record::parse_entry(&payload)?, epoch);
+                self.apply_counted(Record::parse_entry(&payload)?, payload.len(), epoch);
                 next = i + 1;
             }
         }
@@ -654,7 +664,7 @@ impl Engine {
 }
 
 /// One page of parsed log entries, or the error that ended the stream.
-type Page = Result<Vec<(u64, Vec<Record>)>, String>;
+type Page = Result<Vec<(u64, usize, Vec<Record>)>, String>;
 
 /// Pages of parsed log entries from `from` to the end (an empty page), read ahead of the
 /// consumer on a connection of their own.
@@ -678,7 +688,7 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
             next = last + 1;
             let parsed: Page = page
                 .into_iter()
-                .map(|(i, payload)| Ok((i, Record::parse_entry(&payload)?)))
+                .map(|(i, payload)| Ok((i, payload.len(), Record::parse_entry(&payload)?)))
                 .collect();
             if tx.send(parsed).await.is_err() {
                 return;
@@ -1011,8 +1021,12 @@ async fn finish_batch(
         .commits_since_checkpoint
         .fetch_add(applied, Ordering::Relaxed)
         + applied;
-    if since >= e.cfg.checkpoint_every && !e.checkpointing.swap(true, Ordering::SeqCst) {
+    let bytes = batch.line.len() as u64;
+    let bytes_since = e.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    let due = since >= e.cfg.checkpoint_every || bytes_since >= e.cfg.checkpoint_bytes;
+    if due && !e.checkpointing.swap(true, Ordering::SeqCst) {
         e.commits_since_checkpoint.store(0, Ordering::Relaxed);
+        e.bytes_since_checkpoint.store(0, Ordering::Relaxed);
         start_checkpoint(e, index);
     }
 }

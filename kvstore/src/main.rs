@@ -23,9 +23,13 @@ struct Args {
         default_value = "127.0.0.1:10002,127.0.0.1:10012,127.0.0.1:10022"
     )]
     log: String,
-    /// Write a checkpoint to the log after this many commits.
+    /// Write a checkpoint to the log after this many commits...
     #[arg(long, default_value_t = 100_000)]
     checkpoint_every: u64,
+    /// ...or after this many MiB of log entries, whichever comes first (large values make
+    /// few commits weigh many bytes, and replay time follows the bytes).
+    #[arg(long, default_value_t = 64)]
+    checkpoint_mib: u64,
     /// Abort a transaction idle for this many seconds.
     #[arg(long, default_value_t = 60)]
     txn_timeout_secs: u64,
@@ -64,6 +68,7 @@ async fn main() -> anyhow::Result<()> {
         sequencer: args.sequencer.clone(),
         log,
         checkpoint_every: args.checkpoint_every.max(1),
+        checkpoint_bytes: args.checkpoint_mib.max(1) << 20,
         follow_log: !args.no_tail,
     });
     tracing::info!(
