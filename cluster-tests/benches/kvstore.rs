@@ -281,6 +281,13 @@ fn main() {
         }
         let load_s = load_start.elapsed().as_secs_f64();
         let pid = sys.kv.as_ref().and_then(|p| p.pid()).unwrap_or(0);
+        // A checkpoint in flight holds a second copy of the data: measure the steady state.
+        cluster_tests::wait_until(Duration::from_secs(60), "the checkpoint to finish", || async {
+            cluster_tests::status(addr)
+                .await
+                .is_some_and(|s| s.get("checkpointing").map(String::as_str) == Some("0"))
+        })
+        .await;
         let st = cluster_tests::status(addr).await.unwrap_or_default();
         let keys: f64 = st.get("keys").and_then(|v| v.parse().ok()).unwrap_or(1.0);
         let rss = rss_kib(pid) as f64 * 1024.0;

@@ -219,6 +219,11 @@ impl Engine {
         }
     }
 
+    /// Whether a checkpoint is being captured or uploaded (it holds a copy of the live data).
+    pub fn checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::SeqCst)
+    }
+
     /// The log index applied last: every entry up to it has been read or appended by us.
     pub fn applied_index(&self) -> u64 {
         self.applied_index.load(Ordering::SeqCst)

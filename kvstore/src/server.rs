@@ -213,6 +213,10 @@ impl Session {
                     .load(std::sync::atomic::Ordering::Relaxed)
                     .to_string(),
             ),
+            (
+                "checkpointing".into(),
+                u8::from(self.engine.checkpointing()).to_string(),
+            ),
         ]);
         Response::status(&pairs)
     }
