@@ -208,6 +208,24 @@ async fn fencing(tail: bool) {
     assert_eq!(third.get("after").await.unwrap(), Some(Bytes::from("new")));
 }
 
+/// The committer gives up on a log replica that leaves an append unanswered for 1 s. A commit
+/// after a longer quiet spell must not count the quiet as waiting (it once did, and every such
+/// commit went to another replica and back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_after_a_quiet_spell_is_not_taken_for_a_dead_leader() {
+    let sys = System::start(&[]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.put("a", "1").await.unwrap();
+    // The quiet spell is what is tested: longer than the committer's 1 s append timeout.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.put("b", "2").await.unwrap();
+    let log = std::fs::read_to_string(sys.log.dir.path().join("kvstore-1.log")).unwrap();
+    assert!(
+        !log.contains("no answer from log replica"),
+        "the committer gave up on a healthy leader:\n{log}"
+    );
+}
+
 /// A few commits of large values trigger a checkpoint by bytes long before the commit count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_is_written_after_enough_bytes() {

@@ -852,13 +852,15 @@ async fn next_reply(leader: &mut Leader) -> Result<Response, ClientError> {
 /// dedupe returns the original index for those that did commit.
 async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut log: LogClient) {
     let epoch = e.epoch.load(Ordering::SeqCst);
-    let client = Bytes::from(format!("kv-{epoch}"));
-    let mut leader = Leader {
-        replicas: Replicas::new(e.cfg.log.clone()),
-        conn: None,
+    let mut out = Outbox {
+        leader: Leader {
+            replicas: Replicas::new(e.cfg.log.clone()),
+            conn: None,
+        },
+        inflight: VecDeque::new(),
+        client: Bytes::from(format!("kv-{epoch}")),
+        seq: 0,
     };
-    let mut inflight: VecDeque<Batch> = VecDeque::new();
-    let mut seq = 0u64;
     let mut seen_epoch = epoch;
     let mut closed = false;
     // Whether the entry sent last was full, so more is likely queued (see MAX_INFLIGHT_BATCHES).
@@ -866,109 +868,140 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
     // When the oldest append in flight was (re)sent or last made progress.
     let mut progress = tokio::time::Instant::now();
     loop {
-        if closed && inflight.is_empty() {
+        if closed && out.inflight.is_empty() {
             return;
         }
-        if leader.conn.is_none() && !inflight.is_empty() {
-            if !leader.reconnect(&inflight).await {
+        if out.leader.conn.is_none() && !out.inflight.is_empty() {
+            if !out.leader.reconnect(&out.inflight).await {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
             progress = tokio::time::Instant::now();
         }
-        if inflight.is_empty() {
-            progress = tokio::time::Instant::now();
-        }
         let can_take = !closed
-            && (inflight.is_empty() || (last_full && inflight.len() < MAX_INFLIGHT_BATCHES));
+            && (out.inflight.is_empty()
+                || (last_full && out.inflight.len() < MAX_INFLIGHT_BATCHES));
         tokio::select! {
             biased;
-            reply = next_reply(&mut leader), if !inflight.is_empty() => match reply {
+            reply = next_reply(&mut out.leader), if !out.inflight.is_empty() => match reply {
                 Ok(Response::Ok(args)) if args.len() == 1 => {
                     match protocol::response::parse_u64(&args[0]) {
                         Ok(index) => {
                             progress = tokio::time::Instant::now();
-                            if let Some(batch) = inflight.pop_front() {
+                            if let Some(batch) = out.inflight.pop_front() {
+                                // Send what queued meanwhile first, so the log works on the
+                                // next entry while this one is applied and answered.
+                                if out.inflight.is_empty() && !closed {
+                                    if let Ok(first) = rx.try_recv() {
+                                        last_full = send_batch(&e, first, &mut rx, &mut out).await;
+                                    }
+                                }
                                 finish_batch(&e, batch, index, &mut log, epoch, &mut seen_epoch)
                                     .await;
                             }
                         }
                         Err(_) => {
                             tracing::warn!("log answered APPEND with a bad index, resending");
-                            leader.rotate();
+                            out.leader.rotate();
                         }
                     }
                 }
-                Ok(Response::Redirect(addr)) => leader.redirect(addr),
+                Ok(Response::Redirect(addr)) => out.leader.redirect(addr),
                 Ok(other) => {
                     // No leader yet, no quorum: the outcome is unknown, so retry (exactly-once).
                     tracing::warn!("log append not taken, retrying: {other:?}");
-                    leader.rotate();
+                    out.leader.rotate();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(err) => {
-                    tracing::warn!("log connection lost, resending {} batches: {err}", inflight.len());
-                    leader.rotate();
+                    tracing::warn!("log connection lost, resending {} batches: {err}", out.inflight.len());
+                    out.leader.rotate();
                 }
             },
-            _ = tokio::time::sleep_until(progress + APPEND_TIMEOUT), if !inflight.is_empty() => {
+            _ = tokio::time::sleep_until(progress + APPEND_TIMEOUT), if !out.inflight.is_empty() => {
                 tracing::warn!(
                     "no answer from log replica {} for {APPEND_TIMEOUT:?}; trying another with {} appends",
-                    leader.replicas.current(),
-                    inflight.len()
+                    out.leader.replicas.current(),
+                    out.inflight.len()
                 );
-                leader.rotate();
+                out.leader.rotate();
             }
             req = rx.recv(), if can_take => {
                 let Some(first) = req else {
                     closed = true;
                     continue;
                 };
-                let mut reqs = vec![first];
-                let mut payload = Vec::new();
-                reqs[0].record.encode(&mut payload);
-                while payload.len() < BATCH_BYTES {
-                    match rx.try_recv() {
-                        Ok(req) => {
-                            payload.push(b'\n');
-                            req.record.encode(&mut payload);
-                            reqs.push(req);
-                        }
-                        Err(_) => break,
-                    }
+                if out.inflight.is_empty() {
+                    // The clock for APPEND_TIMEOUT starts now, not when the committer went idle:
+                    // the first commit after a quiet second must not look like a dead leader.
+                    progress = tokio::time::Instant::now();
                 }
-                last_full = payload.len() >= BATCH_BYTES;
-                let tss: Vec<u64> = reqs
-                    .iter()
-                    .filter_map(|r| match r.record {
-                        Record::Commit { ts, .. } => Some(ts),
-                        Record::Epoch(_) => None,
-                    })
-                    .collect();
-                if let Mode::Fenced(by) = e.mode() {
-                    e.resolve(&tss);
-                    for r in reqs {
-                        let _ = r.reply.send(Err(EngineError::Fenced(by)));
-                    }
-                    continue;
-                }
-                seq += 1;
-                let line = LogRequest::Append {
-                    client: client.clone(),
-                    seq,
-                    payload: Bytes::from(payload),
-                }
-                .encode();
-                if let Some(c) = leader.conn.as_mut() {
-                    c.send(&line);
-                    if c.flush().await.is_err() {
-                        leader.rotate();
-                    }
-                }
-                inflight.push_back(Batch { line, reqs, tss });
+                last_full = send_batch(&e, first, &mut rx, &mut out).await;
             }
         }
     }
+}
+
+/// The committer's side of the log connection: what is in flight, and the `(client, seq)` the
+/// next entry gets.
+struct Outbox {
+    leader: Leader,
+    inflight: VecDeque<Batch>,
+    client: Bytes,
+    seq: u64,
+}
+
+/// Makes `first` and whatever else is queued (up to `BATCH_BYTES`) one log entry and sends it;
+/// returns whether it was full. A fenced kvstore answers them `ERR FENCED` instead.
+async fn send_batch(
+    e: &Engine,
+    first: CommitReq,
+    rx: &mut mpsc::Receiver<CommitReq>,
+    out: &mut Outbox,
+) -> bool {
+    let mut reqs = vec![first];
+    let mut payload = Vec::new();
+    reqs[0].record.encode(&mut payload);
+    while payload.len() < BATCH_BYTES {
+        match rx.try_recv() {
+            Ok(req) => {
+                payload.push(b'\n');
+                req.record.encode(&mut payload);
+                reqs.push(req);
+            }
+            Err(_) => break,
+        }
+    }
+    let full = payload.len() >= BATCH_BYTES;
+    let tss: Vec<u64> = reqs
+        .iter()
+        .filter_map(|r| match r.record {
+            Record::Commit { ts, .. } => Some(ts),
+            Record::Epoch(_) => None,
+        })
+        .collect();
+    if let Mode::Fenced(by) = e.mode() {
+        e.resolve(&tss);
+        for r in reqs {
+            let _ = r.reply.send(Err(EngineError::Fenced(by)));
+        }
+        return full;
+    }
+    out.seq += 1;
+    let line = LogRequest::Append {
+        client: out.client.clone(),
+        seq: out.seq,
+        payload: Bytes::from(payload),
+    }
+    .encode();
+    if let Some(c) = out.leader.conn.as_mut() {
+        c.send(&line);
+        if c.flush().await.is_err() {
+            out.leader.rotate();
+        }
+    }
+    out.inflight.push_back(Batch { line, reqs, tss });
+    full
 }
 
 /// A batch is in the log at `index`: check no newer kvstore got in first, apply, answer.
