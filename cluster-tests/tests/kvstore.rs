@@ -157,6 +157,53 @@ async fn a_second_kvstore_fences_the_first_at_its_next_commit() {
     fencing(false).await;
 }
 
+/// A replaced kvstore whose next commit lands after the newer one has checkpointed past it
+/// cannot read the gap (compacted). It must not acknowledge that commit: every replay skips
+/// it, as it came after the takeover. (It once logged the failed read and answered OK.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_kvstore_that_cannot_read_the_gap_acknowledges_nothing() {
+    let mut sys = System::start(&["--no-tail", "--checkpoint-every", "20"]).await;
+    let mut old = Client::connect(sys.kv_addr).await.unwrap();
+    old.put("before", "old").await.unwrap();
+    let old_applied: u64 = cluster_tests::status(sys.kv_addr).await.unwrap()["applied"]
+        .parse()
+        .unwrap();
+    let addr2 = cluster_tests::local(cluster_tests::free_port());
+    let _second = sys.spawn_kv(addr2).await;
+    let mut new = Client::connect(addr2).await.unwrap();
+    for i in 0..100 {
+        new.put(format!("k{i}"), "new").await.unwrap();
+    }
+    let log_addr = sys.log.replicas[0].dksp;
+    wait_until(
+        Duration::from_secs(30),
+        "the new kvstore's checkpoint to compact past the old one",
+        || async move {
+            cluster_tests::status(log_addr)
+                .await
+                .and_then(|s| s.get("first")?.parse::<u64>().ok())
+                .is_some_and(|first| first > old_applied + 1)
+        },
+    )
+    .await;
+    match old.call(b"PUT stale value").await.unwrap() {
+        Response::Err(e) => assert_eq!(e.code, protocol::ErrorCode::Fenced, "{e}"),
+        r => panic!("replaced kvstore answered {r:?}"),
+    }
+    let st = cluster_tests::status(sys.kv_addr).await.unwrap();
+    assert_eq!(
+        st.get("fenced_by").map(String::as_str),
+        Some("unknown"),
+        "{st:?}"
+    );
+    assert_eq!(new.get("stale").await.unwrap(), None);
+    let addr3 = cluster_tests::local(cluster_tests::free_port());
+    let _third = sys.spawn_kv(addr3).await;
+    let mut third = Client::connect(addr3).await.unwrap();
+    assert_eq!(third.get("stale").await.unwrap(), None);
+    assert_eq!(third.get("k99").await.unwrap(), Some(Bytes::from("new")));
+}
+
 async fn fencing(tail: bool) {
     let mut sys = System::start(if tail { &[] } else { &["--no-tail"] }).await;
     let mut old = Client::connect(sys.kv_addr).await.unwrap();

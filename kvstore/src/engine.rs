@@ -59,8 +59,35 @@ const CKPT_WINDOW: usize = 8;
 pub enum EngineError {
     #[error("{0}")]
     Unavailable(String),
-    #[error("this kvstore was replaced by a newer one (epoch {0}); connect to that one")]
+    #[error("this kvstore was replaced by a newer one{}; connect to that one", epoch_note(*.0))]
     Fenced(u64),
+}
+
+/// The epoch of the kvstore that took over, when the log no longer shows it: another writer's
+/// checkpoint compacted the part of the log that held its `EPOCH`.
+pub const UNKNOWN_EPOCH: u64 = u64::MAX;
+
+fn epoch_note(epoch: u64) -> String {
+    if epoch == UNKNOWN_EPOCH {
+        String::new()
+    } else {
+        format!(" (epoch {epoch})")
+    }
+}
+
+/// Why entries appended by someone else could not be read and applied.
+#[derive(Debug, thiserror::Error)]
+enum GapError {
+    /// The range was compacted by a checkpoint past our applied index: only another writer
+    /// checkpoints there, so another kvstore has taken over.
+    #[error("compacted by another writer's checkpoint; the log now starts at {0}")]
+    Compacted(u64),
+    /// An entry that is not kvstore records: nothing can be vouched for after it.
+    #[error("entry {0} is not kvstore records: {1}")]
+    Unreadable(u64, String),
+    /// The log did not answer in time, or the connection failed: try again.
+    #[error("{0}")]
+    Transient(String),
 }
 
 /// A commit handed to the committer, or refused on the spot.
@@ -638,19 +665,40 @@ impl Engine {
         epoch: &mut u64,
     ) -> Result<(), String> {
         let mut next = from;
-        while next <= to {
-            let page = log
-                .read(next, Some(to - next + 1))
-                .await
-                .map_err(|e| e.to_string())?;
+        self.read_gap(log, &mut next, to, epoch)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Reads and applies the entries `*next..=to`, advancing `*next` past each one applied, so
+    /// a caller that retries after an error neither skips nor repeats one.
+    async fn read_gap(
+        &self,
+        log: &mut LogClient,
+        next: &mut u64,
+        to: u64,
+        epoch: &mut u64,
+    ) -> Result<(), GapError> {
+        while *next <= to {
+            let page = match log.read(*next, Some(to - *next + 1)).await {
+                Ok(page) => page,
+                Err(ClientError::Server(e)) if e.code == ErrorCode::Compacted => {
+                    let first =
+                        protocol::response::parse_u64(e.message.trim().as_bytes()).unwrap_or(0);
+                    return Err(GapError::Compacted(first));
+                }
+                Err(e) => return Err(GapError::Transient(e.to_string())),
+            };
             if page.is_empty() {
                 // A lagging replica: ask again until it has the entries we know exist.
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
             }
             for (i, payload) in page.into_iter().take_while(|(i, _)| *i <= to) {
-                self.apply_counted(Record::parse_entry(&payload)?, payload.len(), epoch);
-                next = i + 1;
+                let records =
+                    Record::parse_entry(&payload).map_err(|e| GapError::Unreadable(i, e))?;
+                self.apply_counted(records, payload.len(), epoch);
+                *next = i + 1;
             }
         }
         Ok(())
@@ -798,6 +846,8 @@ struct Batch {
     line: Vec<u8>,
     reqs: Vec<CommitReq>,
     tss: Vec<u64>,
+    /// Payload bytes (the records, before quoting), for the checkpoint trigger.
+    bytes: usize,
 }
 
 /// The committer's pipelined connection to the log leader.
@@ -898,6 +948,9 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                                 }
                                 finish_batch(&e, batch, index, &mut log, epoch, &mut seen_epoch)
                                     .await;
+                                // Applying (a gap read, a checkpoint capture) can take a while;
+                                // what was just sent has been waiting only since now.
+                                progress = tokio::time::Instant::now();
                             }
                         }
                         Err(_) => {
@@ -973,6 +1026,7 @@ async fn send_batch(
         }
     }
     let full = payload.len() >= BATCH_BYTES;
+    let bytes = payload.len();
     let tss: Vec<u64> = reqs
         .iter()
         .filter_map(|r| match r.record {
@@ -1000,7 +1054,12 @@ async fn send_batch(
             out.leader.rotate();
         }
     }
-    out.inflight.push_back(Batch { line, reqs, tss });
+    out.inflight.push_back(Batch {
+        line,
+        reqs,
+        tss,
+        bytes,
+    });
     full
 }
 
@@ -1015,14 +1074,32 @@ async fn finish_batch(
 ) {
     let expected = e.applied_index.load(Ordering::SeqCst) + 1;
     if index > expected {
-        // Someone else appended in between: read what, and check for a newer epoch.
-        if let Err(err) = e.read_and_apply(log, expected, index - 1, seen_epoch).await {
-            tracing::error!("reading appends by another writer failed: {err}");
+        // Someone else appended in between: read what, and check for a newer epoch. Nothing is
+        // acknowledged until the whole gap is read: a newer EPOCH in it means this batch landed
+        // after a takeover, and every replay will skip it.
+        let mut next = expected;
+        let mut wait = Duration::from_millis(20);
+        loop {
+            match e.read_gap(log, &mut next, index - 1, seen_epoch).await {
+                Ok(()) => break,
+                Err(GapError::Transient(err)) => {
+                    tracing::warn!(
+                        "reading log entries {next}..{index} by another writer: {err}; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(err @ (GapError::Compacted(_) | GapError::Unreadable(..))) => {
+                    tracing::error!("log entries {next}..{index} by another writer: {err}");
+                    *seen_epoch = UNKNOWN_EPOCH;
+                    break;
+                }
+            }
         }
     }
     if *seen_epoch > epoch {
         tracing::error!("fenced: kvstore epoch {seen_epoch} took over the log");
-        e.set_mode(Mode::Fenced(*seen_epoch));
+        e.fence(*seen_epoch);
         e.resolve(&batch.tss);
         for r in batch.reqs {
             let _ = r.reply.send(Err(EngineError::Fenced(*seen_epoch)));
@@ -1059,7 +1136,7 @@ async fn finish_batch(
         .commits_since_checkpoint
         .fetch_add(applied, Ordering::Relaxed)
         + applied;
-    let bytes = batch.line.len() as u64;
+    let bytes = batch.bytes as u64;
     let bytes_since = e.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed) + bytes;
     let due = since >= e.cfg.checkpoint_every || bytes_since >= e.cfg.checkpoint_bytes;
     if due && !e.checkpointing.swap(true, Ordering::SeqCst) {

@@ -15,12 +15,14 @@
 //! commit (docs/operations.md).
 //!
 //! It tails a replica other than the committer's first guess so the leader does not stream to
-//! us too, and moves to the next replica when its connection fails. A new connection starts
-//! after the kvstore's applied index at least: every entry up to it was either appended by
-//! this kvstore or read by the commit path's gap check, which fences on its own. After
-//! `ERR COMPACTED` it resumes at the first retained entry: an `EPOCH` inside a compacted range
-//! was followed by a checkpoint written by its own kvstore, and this kvstore's next commit
-//! finds it by the gap check as before.
+//! us too, moves to the next replica when its connection fails, and starts over on the next
+//! replica every 10 s anyway (a replica cut off with its connection open would otherwise keep
+//! it waiting). A new stream starts after the kvstore's applied index at least: every entry up
+//! to it was either appended by this kvstore or read by the commit path's gap check, which
+//! fences on its own. `ERR COMPACTED <first>` with `first` beyond the applied index + 1 fences
+//! too: this kvstore's own checkpoints never go past what it has applied, so such a compaction
+//! is another writer's checkpoint, and the `EPOCH` it covered is gone (the epoch is then
+//! reported as unknown).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,11 +31,14 @@ use protocol::log::Request as LogRequest;
 use protocol::log_client::Replicas;
 use protocol::{Client, ErrorCode, Response};
 
-use crate::engine::{Engine, Mode};
+use crate::engine::{Engine, Mode, UNKNOWN_EPOCH};
 use crate::record::Record;
 
 /// Wait before reconnecting after a failed connection, so a dead replica costs no busy loop.
 const RETRY: Duration = Duration::from_millis(200);
+/// A quiet stream is normal (only `EPOCH` entries are sent), but so is a replica that is cut
+/// off with its connection open: start over on the next replica this often.
+const RESUBSCRIBE: Duration = Duration::from_secs(10);
 
 /// Follows the log from index `from` until this kvstore is fenced.
 pub async fn follow(e: Arc<Engine>, from: u64) {
@@ -48,24 +53,44 @@ pub async fn follow(e: Arc<Engine>, from: u64) {
         }
         let addr = replicas.current().to_string();
         cursor = cursor.max(e.applied_index() + 1);
-        match tail_once(&addr, epoch, &mut cursor).await {
-            Ok(Some(newer)) => {
+        let tailed = tokio::time::timeout(RESUBSCRIBE, tail_once(&addr, epoch, &mut cursor)).await;
+        match tailed {
+            Ok(Ok(Ended::Newer(newer))) => {
                 tracing::error!("fenced: kvstore epoch {newer} took over the log (seen by TAIL)");
                 e.fence(newer);
                 return;
             }
-            Ok(None) => {}
-            Err(err) => tracing::debug!("following the log on {addr}: {err}"),
+            Ok(Ok(Ended::Compacted(first))) => {
+                // This kvstore's own checkpoints never go past what it has applied, so a
+                // compaction beyond that is another writer's.
+                if first > e.applied_index() + 1 {
+                    tracing::error!(
+                        "fenced: another writer checkpointed the log up to {} (seen by TAIL)",
+                        first - 1
+                    );
+                    e.fence(UNKNOWN_EPOCH);
+                    return;
+                }
+                cursor = cursor.max(first);
+            }
+            Ok(Err(err)) => tracing::debug!("following the log on {addr}: {err}"),
+            Err(_) => {}
         }
         replicas.rotate();
         tokio::time::sleep(RETRY).await;
     }
 }
 
-/// One `TAIL` connection: `Ok(Some(epoch))` when a newer epoch shows up, `Ok(None)` when the
-/// stream ended in a way that calls for a new one (compaction), `Err` when the connection
-/// failed.
-async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Option<u64>, String> {
+/// How a `TAIL` stream ended.
+enum Ended {
+    /// A newer epoch showed up.
+    Newer(u64),
+    /// The stream fell behind a compaction; the log now starts at this index.
+    Compacted(u64),
+}
+
+/// One `TAIL` connection, until a newer epoch or a compaction ends it, or it fails.
+async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Ended, String> {
     let mut c = tokio::time::timeout(Duration::from_secs(1), Client::connect(addr))
         .await
         .map_err(|_| "connect timed out".to_string())?
@@ -80,15 +105,14 @@ async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Option<u6
         match c.recv().await.map_err(|err| err.to_string())? {
             Response::Entry(index, payload) => {
                 if let Some(newer) = Record::epochs(&payload).find(|&x| x > epoch) {
-                    return Ok(Some(newer));
+                    return Ok(Ended::Newer(newer));
                 }
                 *cursor = index + 1;
             }
             Response::Err(err) if err.code == ErrorCode::Compacted => {
                 let first = protocol::response::parse_u64(err.message.trim().as_bytes())
                     .map_err(|_| format!("bad COMPACTED reply: {err}"))?;
-                *cursor = (*cursor).max(first);
-                return Ok(None);
+                return Ok(Ended::Compacted(first));
             }
             r => return Err(format!("unexpected reply to TAIL: {r:?}")),
         }

@@ -188,6 +188,7 @@ impl Session {
             Mode::Starting => "starting".to_string(),
             Mode::Replaying { done, total } => format!("replaying replay={done}/{total}"),
             Mode::Serving => "serving".to_string(),
+            Mode::Fenced(crate::engine::UNKNOWN_EPOCH) => "fenced fenced_by=unknown".to_string(),
             Mode::Fenced(by) => format!("fenced fenced_by={by}"),
         };
         let mut pairs = vec![("role".to_string(), "kvstore".to_string())];
