@@ -157,6 +157,19 @@ async fn a_second_kvstore_fences_the_first_at_its_next_commit() {
     fencing(false).await;
 }
 
+/// Waits until a checkpoint has compacted the log (on replica 1) so that it starts after `index`.
+async fn wait_compacted_beyond(sys: &System, index: u64) {
+    let addr = sys.log.replicas[0].dksp;
+    let what = format!("a checkpoint to compact the log beyond {index}");
+    wait_until(Duration::from_secs(30), &what, || async move {
+        cluster_tests::status(addr)
+            .await
+            .and_then(|s| s.get("first")?.parse::<u64>().ok())
+            .is_some_and(|first| first > index)
+    })
+    .await;
+}
+
 /// A replaced kvstore whose next commit lands after the newer one has checkpointed past it
 /// cannot read the gap (compacted). It must not acknowledge that commit: every replay skips
 /// it, as it came after the takeover. (It once logged the failed read and answered OK.)
@@ -174,18 +187,8 @@ async fn a_replaced_kvstore_that_cannot_read_the_gap_acknowledges_nothing() {
     for i in 0..100 {
         new.put(format!("k{i}"), "new").await.unwrap();
     }
-    let log_addr = sys.log.replicas[0].dksp;
-    wait_until(
-        Duration::from_secs(30),
-        "the new kvstore's checkpoint to compact past the old one",
-        || async move {
-            cluster_tests::status(log_addr)
-                .await
-                .and_then(|s| s.get("first")?.parse::<u64>().ok())
-                .is_some_and(|first| first > old_applied + 1)
-        },
-    )
-    .await;
+    // The new kvstore's checkpoint compacts the log past the old one's applied index.
+    wait_compacted_beyond(&sys, old_applied + 1).await;
     match old.call(b"PUT stale value").await.unwrap() {
         Response::Err(e) => assert_eq!(e.code, protocol::ErrorCode::Fenced, "{e}"),
         r => panic!("replaced kvstore answered {r:?}"),
@@ -319,18 +322,7 @@ async fn checkpoints_compact_the_log_and_recovery_uses_them() {
             .unwrap();
     }
     c.del("key0007").await.unwrap();
-    let addr = sys.log.replicas[0].dksp;
-    wait_until(
-        Duration::from_secs(30),
-        "a checkpoint to compact the log",
-        || async move {
-            cluster_tests::status(addr)
-                .await
-                .and_then(|s| s.get("first")?.parse::<u64>().ok())
-                .is_some_and(|f| f > 100)
-        },
-    )
-    .await;
+    wait_compacted_beyond(&sys, 100).await;
     sys.restart_kv().await;
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
     let rows = c.scan("key", "key~", None).await.unwrap();
