@@ -679,20 +679,40 @@ impl Engine {
         to: u64,
         epoch: &mut u64,
     ) -> Result<(), GapError> {
+        let mut empty = 0;
         while *next <= to {
             let page = match log.read(*next, Some(to - *next + 1)).await {
                 Ok(page) => page,
                 Err(ClientError::Server(e)) if e.code == ErrorCode::Compacted => {
-                    let first =
-                        protocol::response::parse_u64(e.message.trim().as_bytes()).unwrap_or(0);
-                    return Err(GapError::Compacted(first));
+                    return match protocol::response::parse_u64(e.message.trim().as_bytes()) {
+                        Ok(first) => Err(GapError::Compacted(first)),
+                        Err(_) => Err(GapError::Transient(format!("bad COMPACTED reply: {e}"))),
+                    };
                 }
                 Err(e) => return Err(GapError::Transient(e.to_string())),
             };
             if page.is_empty() {
-                // A lagging replica: ask again until it has the entries we know exist.
+                // A lagging replica: ask again until it has the entries we know exist, but not
+                // forever: a replica cut off from the leader never will.
+                empty += 1;
+                if empty >= 100 {
+                    let replica = log.connected_to().unwrap_or("?").to_string();
+                    log.rotate();
+                    return Err(GapError::Transient(format!(
+                        "replica {replica} has not caught up to {next}"
+                    )));
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
+            }
+            empty = 0;
+            if page.first().map(|(i, _)| *i) != Some(*next) {
+                // Out of step with the replica (a reply left over from a failed call): only a
+                // new connection is known good.
+                log.rotate();
+                return Err(GapError::Transient(format!(
+                    "READ {next} answered from another index"
+                )));
             }
             for (i, payload) in page.into_iter().take_while(|(i, _)| *i <= to) {
                 let records =
@@ -1073,7 +1093,14 @@ async fn finish_batch(
     seen_epoch: &mut u64,
 ) {
     let expected = e.applied_index.load(Ordering::SeqCst) + 1;
-    if index > expected {
+    if let (true, Mode::Fenced(by)) = (index > expected, e.mode()) {
+        // The follower already saw the takeover. The gap may or may not hold it (this entry
+        // may have landed just before the newer EPOCH), so this batch's outcome is unknown:
+        // it gets ERR FENCED, which leaves a COMMIT's outcome open, without reading the gap.
+        // With no gap the entry is certainly before the takeover and is acknowledged below.
+        *seen_epoch = (*seen_epoch).max(by);
+    }
+    if index > expected && *seen_epoch <= epoch {
         // Someone else appended in between: read what, and check for a newer epoch. Nothing is
         // acknowledged until the whole gap is read: a newer EPOCH in it means this batch landed
         // after a takeover, and every replay will skip it.
@@ -1088,6 +1115,10 @@ async fn finish_batch(
                     );
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
+                    if let Mode::Fenced(by) = e.mode() {
+                        *seen_epoch = (*seen_epoch).max(by);
+                        break;
+                    }
                 }
                 Err(err @ (GapError::Compacted(_) | GapError::Unreadable(..))) => {
                     tracing::error!("log entries {next}..{index} by another writer: {err}");

@@ -95,7 +95,8 @@ impl LogClient {
         self.replicas.redirect(addr);
     }
 
-    fn rotate(&mut self) {
+    /// Drops the connection; the next call tries the next replica.
+    pub fn rotate(&mut self) {
         self.conn = None;
         self.replicas.rotate();
     }
