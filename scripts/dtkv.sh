@@ -60,6 +60,16 @@ start() {
       exit 1
     fi
     echo "up     $name on 127.0.0.1:$port (pid $(cat "$DATA/pids/$name.pid")), log $DATA/logs/$name.log"
+    # The kvstore answers PING at once but data commands only once it has rebuilt itself from
+    # the log: wait for that too, so `make run` hands over a system that serves.
+    if [ "$name" = kvstore ]; then
+      for _ in $(seq 1 300); do
+        ask "$port" STATUS | grep -q 'state=serving' && break
+        sleep 0.1
+      done
+      state=$(ask "$port" STATUS | tr ' ' '\n' | grep '^state=' || echo state=unknown)
+      [ "$state" = state=serving ] || echo "note   kvstore is not serving yet ($state); STATUS shows its progress"
+    fi
   done
 }
 

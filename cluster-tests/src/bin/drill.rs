@@ -76,6 +76,11 @@ async fn log_leader() -> Option<String> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    // A kvstore just started answers PING before it has rebuilt itself from the log.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !serving(args.kv).await && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     if !serving(args.kv).await {
         eprintln!(
             "drill: no kvstore serving on {}; start the system with `make run`",
