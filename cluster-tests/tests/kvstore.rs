@@ -157,6 +157,14 @@ async fn a_second_kvstore_fences_the_first_at_its_next_commit() {
     fencing(false).await;
 }
 
+/// Starts one more kvstore on the same log (a takeover) and connects to it; the process lives
+/// as long as the returned `Proc`.
+async fn another_kvstore(sys: &mut System) -> (cluster_tests::Proc, Client) {
+    let addr = cluster_tests::local(cluster_tests::free_port());
+    let p = sys.spawn_kv(addr).await;
+    (p, Client::connect(addr).await.unwrap())
+}
+
 /// Waits until a checkpoint has compacted the log (on replica 1) so that it starts after `index`.
 async fn wait_compacted_beyond(sys: &System, index: u64) {
     let addr = sys.log.replicas[0].dksp;
@@ -181,9 +189,7 @@ async fn a_replaced_kvstore_that_cannot_read_the_gap_acknowledges_nothing() {
     let old_applied: u64 = cluster_tests::status(sys.kv_addr).await.unwrap()["applied"]
         .parse()
         .unwrap();
-    let addr2 = cluster_tests::local(cluster_tests::free_port());
-    let _second = sys.spawn_kv(addr2).await;
-    let mut new = Client::connect(addr2).await.unwrap();
+    let (_second, mut new) = another_kvstore(&mut sys).await;
     for i in 0..100 {
         new.put(format!("k{i}"), "new").await.unwrap();
     }
@@ -200,9 +206,7 @@ async fn a_replaced_kvstore_that_cannot_read_the_gap_acknowledges_nothing() {
         "{st:?}"
     );
     assert_eq!(new.get("stale").await.unwrap(), None);
-    let addr3 = cluster_tests::local(cluster_tests::free_port());
-    let _third = sys.spawn_kv(addr3).await;
-    let mut third = Client::connect(addr3).await.unwrap();
+    let (_third, mut third) = another_kvstore(&mut sys).await;
     assert_eq!(third.get("stale").await.unwrap(), None);
     assert_eq!(third.get("k99").await.unwrap(), Some(Bytes::from("new")));
 }
@@ -211,9 +215,7 @@ async fn fencing(tail: bool) {
     let mut sys = System::start(if tail { &[] } else { &["--no-tail"] }).await;
     let mut old = Client::connect(sys.kv_addr).await.unwrap();
     old.put("before", "old").await.unwrap();
-    let addr2 = cluster_tests::local(cluster_tests::free_port());
-    let _second = sys.spawn_kv(addr2).await;
-    let mut new = Client::connect(addr2).await.unwrap();
+    let (_second, mut new) = another_kvstore(&mut sys).await;
     assert_eq!(new.get("before").await.unwrap(), Some(Bytes::from("old")));
     new.put("after", "new").await.unwrap();
     let old_addr = sys.kv_addr;
@@ -251,9 +253,7 @@ async fn fencing(tail: bool) {
     assert!(fenced_read().await, "reads after the fence");
     assert_eq!(new.get("stale").await.unwrap(), None);
     // A fresh start replays the same decision.
-    let addr3 = cluster_tests::local(cluster_tests::free_port());
-    let _third = sys.spawn_kv(addr3).await;
-    let mut third = Client::connect(addr3).await.unwrap();
+    let (_third, mut third) = another_kvstore(&mut sys).await;
     assert_eq!(third.get("stale").await.unwrap(), None);
     assert_eq!(third.get("after").await.unwrap(), Some(Bytes::from("new")));
 }

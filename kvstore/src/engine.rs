@@ -640,8 +640,10 @@ impl Engine {
             .await
             .map_err(|e| e.to_string())?;
         if at > index + 1 {
-            self.read_and_apply(log, index + 1, at - 1, &mut seen_epoch)
-                .await?;
+            let mut next = index + 1;
+            self.read_gap(log, &mut next, at - 1, &mut seen_epoch)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         if seen_epoch > my_epoch {
             self.set_mode(Mode::Fenced(seen_epoch));
@@ -654,20 +656,6 @@ impl Engine {
             "serving: epoch {my_epoch}, log index {at}, {keys} keys, {versions} versions, {bytes} bytes"
         );
         Ok(())
-    }
-
-    /// Reads entries `from..=to`, which are known to exist, and applies them.
-    async fn read_and_apply(
-        &self,
-        log: &mut LogClient,
-        from: u64,
-        to: u64,
-        epoch: &mut u64,
-    ) -> Result<(), String> {
-        let mut next = from;
-        self.read_gap(log, &mut next, to, epoch)
-            .await
-            .map_err(|e| e.to_string())
     }
 
     /// Reads and applies the entries `*next..=to`, advancing `*next` past each one applied, so
@@ -684,10 +672,10 @@ impl Engine {
             let page = match log.read(*next, Some(to - *next + 1)).await {
                 Ok(page) => page,
                 Err(ClientError::Server(e)) if e.code == ErrorCode::Compacted => {
-                    return match protocol::response::parse_u64(e.message.trim().as_bytes()) {
-                        Ok(first) => Err(GapError::Compacted(first)),
-                        Err(_) => Err(GapError::Transient(format!("bad COMPACTED reply: {e}"))),
-                    };
+                    return Err(match e.compacted_first() {
+                        Some(first) => GapError::Compacted(first),
+                        None => GapError::Transient(format!("bad COMPACTED reply: {e}")),
+                    });
                 }
                 Err(e) => return Err(GapError::Transient(e.to_string())),
             };

@@ -110,8 +110,9 @@ async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Ended, St
                 *cursor = index + 1;
             }
             Response::Err(err) if err.code == ErrorCode::Compacted => {
-                let first = protocol::response::parse_u64(err.message.trim().as_bytes())
-                    .map_err(|_| format!("bad COMPACTED reply: {err}"))?;
+                let first = err
+                    .compacted_first()
+                    .ok_or_else(|| format!("bad COMPACTED reply: {err}"))?;
                 return Ok(Ended::Compacted(first));
             }
             r => return Err(format!("unexpected reply to TAIL: {r:?}")),

@@ -95,6 +95,15 @@ impl ServerError {
             message: message.into(),
         }
     }
+
+    /// For `ERR COMPACTED <first>`: the first index the log still holds (`None` for any other
+    /// error, or a message that is not a number).
+    pub fn compacted_first(&self) -> Option<u64> {
+        if self.code != ErrorCode::Compacted {
+            return None;
+        }
+        parse_u64(self.message.trim().as_bytes()).ok()
+    }
 }
 
 /// One response line (or, for `SCAN`/`READ`/`TAIL`, one line of a multi-line answer).
