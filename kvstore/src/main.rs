@@ -30,6 +30,11 @@ struct Args {
     /// few commits weigh many bytes, and replay time follows the bytes).
     #[arg(long, default_value_t = 64)]
     checkpoint_mib: u64,
+    /// ...but not before the log since the last checkpoint holds this fraction of that
+    /// checkpoint's size: with a large store, checkpoints then cost at most 1/ratio bytes
+    /// written per byte of commits (0 checkpoints on the two triggers alone).
+    #[arg(long, default_value_t = 0.5)]
+    checkpoint_ratio: f64,
     /// Abort a transaction idle for this many seconds.
     #[arg(long, default_value_t = 60)]
     txn_timeout_secs: u64,
@@ -40,6 +45,12 @@ struct Args {
     /// this one's next commit (for tests of that path, and for diagnosis).
     #[arg(long)]
     no_tail: bool,
+    /// Threads for the async runtime: 1 runs every task on this one thread (no wake-ups
+    /// across threads; measured the cheaper choice on 2 cores, see docs/performance.md),
+    /// N > 1 runs N worker threads, 0 one worker per core. Checkpoint encoding runs on a
+    /// thread of its own either way.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 // glibc's malloc showed as ~12% of the kvstore's CPU under write load (many small,
@@ -47,10 +58,15 @@ struct Args {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     protocol::server::init_logging();
     let args = Args::parse();
+    protocol::server::runtime(args.threads)
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let log: Vec<String> = args
         .log
         .split(',')
@@ -69,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
         log,
         checkpoint_every: args.checkpoint_every.max(1),
         checkpoint_bytes: args.checkpoint_mib.max(1) << 20,
+        checkpoint_ratio: args.checkpoint_ratio.max(0.0),
         follow_log: !args.no_tail,
     });
     tracing::info!(

@@ -57,6 +57,12 @@ struct Args {
     /// address in the membership (the fault-injection tests route each link through a proxy).
     #[arg(long, default_value = "")]
     raft_route: String,
+    /// Threads for the async runtime: 1 runs every task on this one thread (no wake-ups
+    /// across threads; measured the cheaper choice on 2 cores, see docs/performance.md),
+    /// N > 1 runs N worker threads, 0 one worker per core. Disk syncs run on threads of
+    /// their own either way.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 // glibc's malloc showed as ~12% of the kvstore's CPU under write load (many small,
@@ -64,10 +70,15 @@ struct Args {
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     protocol::server::init_logging();
     let args = Args::parse();
+    protocol::server::runtime(args.threads)
+        .context("starting the tokio runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let peers = parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
     let routes = parse_routes(&args.raft_route).map_err(anyhow::Error::msg)?;
     let config = openraft::Config {

@@ -70,3 +70,18 @@ pub fn init_logging() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+/// The tokio runtime a server runs on (its `--threads`): with 1, a single-threaded runtime
+/// where every task runs on the calling thread, so handing work from task to task needs no
+/// wake-up of another thread; with N > 1, N worker threads; with 0, one per core. Blocking
+/// work goes to tokio's blocking pool either way.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build()
+}

@@ -52,7 +52,11 @@ impl FaultyCluster {
         }
         log.launch().await;
         let checkpoint = checkpoint_every.to_string();
-        let mut sys = System::assemble(log, &["--checkpoint-every", &checkpoint]).await;
+        let mut sys = System::assemble(
+            log,
+            &["--checkpoint-every", &checkpoint, "--checkpoint-ratio", "0"],
+        )
+        .await;
         let kv_seq = Proxy::start("kv->seq", sys.seq.addr).await;
         sys.kv_seq_route = kv_seq.addr.to_string();
         sys.kv_log_route = kv_log.iter().map(|p| p.addr.to_string()).collect();
