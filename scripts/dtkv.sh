@@ -43,6 +43,12 @@ start() {
     if [ "$name" = log-1 ] && ! ls -d "$DATA"/log-*/raft >/dev/null 2>&1; then
       args="$args --init"
     fi
+    # Extra flags for experiments: DTKV_LOG_ARGS (every replica), DTKV_KV_ARGS, DTKV_SEQ_ARGS.
+    case $binary in
+      logserver) args="$args ${DTKV_LOG_ARGS:-}" ;;
+      kvstore) args="$args ${DTKV_KV_ARGS:-}" ;;
+      sequencer) args="$args ${DTKV_SEQ_ARGS:-}" ;;
+    esac
     # shellcheck disable=SC2086
     nohup "$BIN/$binary" $args >>"$DATA/logs/$name.log" 2>&1 &
     echo $! >"$DATA/pids/$name.pid"
