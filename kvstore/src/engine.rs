@@ -173,6 +173,8 @@ pub struct Engine {
     checkpointing: AtomicBool,
     /// Size of the last checkpoint written or loaded, in bytes.
     last_checkpoint_bytes: AtomicU64,
+    /// After a failed checkpoint, no new one before this (the log may be down for a while).
+    checkpoint_retry_at: Mutex<Option<std::time::Instant>>,
     /// Commit records applied in total (STATUS).
     pub commits: AtomicU64,
 }
@@ -206,6 +208,7 @@ impl Engine {
             bytes_since_checkpoint: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             last_checkpoint_bytes: AtomicU64::new(0),
+            checkpoint_retry_at: Mutex::new(None),
             commits: AtomicU64::new(0),
         });
         let e = engine.clone();
@@ -1170,11 +1173,16 @@ async fn finish_batch(
     let bytes = batch.bytes as u64;
     let bytes_since = e.bytes_since_checkpoint.fetch_add(bytes, Ordering::Relaxed) + bytes;
     let last = e.last_checkpoint_bytes.load(Ordering::Relaxed);
-    let due = checkpoint_due(&e.cfg, since, bytes_since, last);
+    let due = checkpoint_due(&e.cfg, since, bytes_since, last)
+        && lock(&e.checkpoint_retry_at).is_none_or(|t| std::time::Instant::now() >= t);
     if due && !e.checkpointing.swap(true, Ordering::SeqCst) {
-        e.commits_since_checkpoint.store(0, Ordering::Relaxed);
-        e.bytes_since_checkpoint.store(0, Ordering::Relaxed);
-        start_checkpoint(e, index).await;
+        let in_flight = CheckpointInFlight {
+            e: e.clone(),
+            commits: e.commits_since_checkpoint.swap(0, Ordering::Relaxed),
+            bytes: e.bytes_since_checkpoint.swap(0, Ordering::Relaxed),
+            done: false,
+        };
+        start_checkpoint(in_flight, index).await;
     }
 }
 
@@ -1187,7 +1195,37 @@ fn checkpoint_due(cfg: &Config, commits: u64, bytes: u64, last: u64) -> bool {
 
 /// Captures the store as of log index `index` (the committer has applied exactly up to it and
 /// is waiting for us) and uploads it in the background.
-async fn start_checkpoint(e: &Arc<Engine>, index: u64) {
+/// How long after a failed checkpoint the next may start.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
+
+/// A checkpoint under way. Dropped, it clears `checkpointing` whatever happened (an error, a
+/// panic, the task cancelled); unless the checkpoint made it into the log, it also gives back
+/// the commits and bytes it was meant to cover, so a failed upload does not defer the next
+/// checkpoint by a whole ratio's worth of log (the next try waits [`CHECKPOINT_RETRY`]).
+struct CheckpointInFlight {
+    e: Arc<Engine>,
+    commits: u64,
+    bytes: u64,
+    done: bool,
+}
+
+impl Drop for CheckpointInFlight {
+    fn drop(&mut self) {
+        if !self.done {
+            self.e
+                .commits_since_checkpoint
+                .fetch_add(self.commits, Ordering::Relaxed);
+            self.e
+                .bytes_since_checkpoint
+                .fetch_add(self.bytes, Ordering::Relaxed);
+            *lock(&self.e.checkpoint_retry_at) = Some(std::time::Instant::now() + CHECKPOINT_RETRY);
+        }
+        self.e.checkpointing.store(false, Ordering::SeqCst);
+    }
+}
+
+async fn start_checkpoint(mut in_flight: CheckpointInFlight, index: u64) {
+    let e = in_flight.e.clone();
     let started = std::time::Instant::now();
     // Sized up front: growing a vector of a million entries copies it over and over.
     let keys = e.store.read().unwrap_or_else(|p| p.into_inner()).stats().0;
@@ -1209,7 +1247,7 @@ async fn start_checkpoint(e: &Arc<Engine>, index: u64) {
     // pieces add up to exactly the state at `index`. The copy is the only part of a checkpoint
     // that holds up commits; reads go on between its pieces.
     let copied = started.elapsed();
-    let e = e.clone();
+    let keys = entries.len();
     tokio::spawn(async move {
         let data = CheckpointData {
             index,
@@ -1218,34 +1256,26 @@ async fn start_checkpoint(e: &Arc<Engine>, index: u64) {
             entries,
         };
         // Encoding a large checkpoint takes a CPU for a while: keep it off the runtime's
-        // threads, which serve clients and the committer meanwhile.
-        let encoded = tokio::task::spawn_blocking(move || {
-            let bytes = postcard::to_stdvec(&data);
-            (data, bytes)
-        })
-        .await;
-        let (data, result) = match encoded {
-            Ok((data, Ok(bytes))) => (data, upload_checkpoint(&e.cfg.log, index, &bytes).await),
-            Ok((data, Err(err))) => (data, Err(err.to_string())),
-            Err(err) => {
-                tracing::warn!("checkpoint at {index} failed: encoding task: {err}");
-                e.checkpointing.store(false, Ordering::SeqCst);
-                return;
-            }
+        // threads, which serve clients and the committer meanwhile. The copy is freed there too.
+        let encoded = tokio::task::spawn_blocking(move || postcard::to_stdvec(&data)).await;
+        let result = match encoded {
+            Ok(Ok(bytes)) => upload_checkpoint(&e.cfg.log, index, &bytes).await,
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(err) => Err(format!("encoding task: {err}")),
         };
         match result {
             Ok(len) => {
+                in_flight.done = true;
                 e.last_checkpoint_bytes.store(len as u64, Ordering::Relaxed);
                 tracing::info!(
-                    "checkpoint at log index {index}: {} keys, {len} bytes, {:.2} s ({:.1} ms copying)",
-                    data.entries.len(),
+                    "checkpoint at log index {index}: {keys} keys, {len} bytes, {:.2} s ({:.1} ms copying)",
                     started.elapsed().as_secs_f64(),
                     copied.as_secs_f64() * 1e3
                 )
             }
             Err(err) => tracing::warn!("checkpoint at {index} failed: {err}"),
         }
-        e.checkpointing.store(false, Ordering::SeqCst);
+        drop(in_flight);
     });
 }
 

@@ -33,7 +33,7 @@ struct Args {
     /// ...but not before the log since the last checkpoint holds this fraction of that
     /// checkpoint's size: with a large store, checkpoints then cost at most 1/ratio bytes
     /// written per byte of commits (0 checkpoints on the two triggers alone).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = parse_ratio)]
     checkpoint_ratio: f64,
     /// Abort a transaction idle for this many seconds.
     #[arg(long, default_value_t = 60)]
@@ -85,7 +85,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         log,
         checkpoint_every: args.checkpoint_every.max(1),
         checkpoint_bytes: args.checkpoint_mib.max(1) << 20,
-        checkpoint_ratio: args.checkpoint_ratio.max(0.0),
+        checkpoint_ratio: args.checkpoint_ratio,
         follow_log: !args.no_tail,
     });
     tracing::info!(
@@ -107,4 +107,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     shutdown.cancel();
     let _ = serving.await;
     Ok(())
+}
+
+/// `--checkpoint-ratio`: a finite number from 0 to 100 (an infinite or NaN ratio would stop
+/// checkpoints, and with them log compaction, for good).
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=100.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a number from 0 to 100")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checkpoint_ratio_must_be_finite_and_in_range() {
+        assert_eq!(super::parse_ratio("0.5"), Ok(0.5));
+        assert_eq!(super::parse_ratio("0"), Ok(0.0));
+        for bad in ["inf", "NaN", "-1", "1e309", "101", "x"] {
+            assert!(super::parse_ratio(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -556,6 +556,10 @@ async fn tail(
                 if conn.flush().await.is_err() {
                     return;
                 }
+                // A filtered page may write nothing, and an empty flush never yields: on a
+                // one-thread runtime, catching up on a long log would otherwise hold up the
+                // whole replica.
+                tokio::task::yield_now().await;
                 continue;
             }
             Ok(_) => {}

@@ -88,11 +88,13 @@ impl Default for SmData {
     }
 }
 
-/// A snapshot as stored on disk and handed to openraft.
+/// A snapshot as stored on disk and handed to openraft. `data` is `Bytes` so that keeping and
+/// handing out the current snapshot does not copy it; postcard writes `Bytes` exactly as it
+/// wrote the `Vec<u8>` this used to be (a length, then the bytes), so files stay readable.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
-    data: Vec<u8>,
+    data: Bytes,
 }
 
 /// Why a `READ` could not be served.
@@ -370,15 +372,18 @@ fn decode_snapshot_file(bytes: &[u8]) -> Result<StoredSnapshot, String> {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let this = self.clone();
+        // Only the copy happens under the lock (entries, checkpoint and payloads are `Bytes`, so
+        // it is mostly reference counts). `apply` waits for the lock on the runtime's thread,
+        // which with one thread is the whole replica: encoding under it would hold up
+        // heartbeats and replication for as long as encoding a large state takes.
+        let copy = this.read_data().clone();
         let built = tokio::task::spawn_blocking(move || -> Result<StoredSnapshot, io::Error> {
-            let (data, last, membership) = {
-                let d = this.read_data();
-                (
-                    postcard::to_stdvec(&*d).map_err(io_err)?,
-                    d.last_applied,
-                    d.membership.clone(),
-                )
-            };
+            let (data, last, membership) = (
+                Bytes::from(postcard::to_stdvec(&copy).map_err(io_err)?),
+                copy.last_applied,
+                copy.membership.clone(),
+            );
+            drop(copy);
             let seq = this.shared.snapshot_seq.fetch_add(1, Ordering::Relaxed);
             let snapshot_id = match last {
                 Some(l) => format!("{}-{}-{seq}", l.leader_id, l.index),
@@ -405,7 +410,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         );
         Ok(Snapshot {
             meta: built.meta,
-            snapshot: Box::new(Cursor::new(built.data)),
+            snapshot: Box::new(Cursor::new(built.data.into())),
         })
     }
 }
@@ -460,20 +465,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         // The cursor is positioned at the end after a chunked transfer; take the whole buffer.
-        let bytes = snapshot.into_inner();
-        let mut data: SmData = postcard::from_bytes(&bytes)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        data.last_applied = meta.last_log_id;
-        data.membership = meta.last_membership.clone();
+        // Decoding and writing it take a while for a large state: off the runtime's thread.
+        let bytes = Bytes::from(snapshot.into_inner());
+        let this = self.clone();
         let stored = StoredSnapshot {
             meta: meta.clone(),
             data: bytes,
         };
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.store_snapshot(stored))
-            .await
-            .unwrap_or_else(|e| Err(io_err(e)))
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        // Err(true, _): the snapshot does not decode; Err(false, _): it could not be stored.
+        let decoded = tokio::task::spawn_blocking(move || -> Result<SmData, (bool, io::Error)> {
+            let data: SmData = postcard::from_bytes(&stored.data).map_err(|e| (true, io_err(e)))?;
+            this.store_snapshot(stored).map_err(|e| (false, e))?;
+            Ok(data)
+        })
+        .await
+        .unwrap_or_else(|e| Err((false, io_err(e))));
+        let signature = Some(meta.signature());
+        let mut data = decoded.map_err(|(decoding, e)| {
+            if decoding {
+                StorageIOError::read_snapshot(signature, &e)
+            } else {
+                StorageIOError::write_snapshot(signature, &e)
+            }
+        })?;
+        data.last_applied = meta.last_log_id;
+        data.membership = meta.last_membership.clone();
         let next = data.next_index;
         *self.write_data() = data;
         self.shared.applied.send_replace(next);
@@ -488,9 +504,54 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        Ok(current.map(|s| Snapshot {
+        let Some(s) = current else { return Ok(None) };
+        // openraft wants its own Vec: copy a large snapshot off the runtime's thread.
+        let data = tokio::task::spawn_blocking(move || s.data.to_vec())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(s.meta.signature()), &io_err(e)))?;
+        Ok(Some(Snapshot {
             meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+            snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The layout of `StoredSnapshot` before its data became `Bytes`.
+    #[derive(Serialize)]
+    struct VecSnapshot {
+        meta: SnapshotMeta,
+        data: Vec<u8>,
+    }
+
+    #[test]
+    fn snapshot_files_written_with_a_vec_still_decode() {
+        let meta = SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "T1-N1-42-0".into(),
+        };
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let old = postcard::to_stdvec(&VecSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })
+        .unwrap();
+        let new = StoredSnapshot {
+            meta,
+            data: Bytes::from(data.clone()),
+        };
+        assert_eq!(
+            postcard::to_stdvec(&new).unwrap(),
+            old,
+            "same bytes on disk"
+        );
+        let file = encode_snapshot_file(&new).unwrap();
+        let back = decode_snapshot_file(&file).unwrap();
+        assert_eq!(back.data, data);
+        assert_eq!(back.meta.snapshot_id, "T1-N1-42-0");
     }
 }
