@@ -1228,8 +1228,8 @@ async fn start_checkpoint(mut in_flight: CheckpointInFlight, index: u64) {
     let e = in_flight.e.clone();
     let started = std::time::Instant::now();
     // Sized up front: growing a vector of a million entries copies it over and over.
-    let keys = e.store.read().unwrap_or_else(|p| p.into_inner()).stats().0;
-    let mut entries: Vec<(Bytes, u64, Bytes)> = Vec::with_capacity(keys);
+    let live = e.store.read().unwrap_or_else(|p| p.into_inner()).stats().0;
+    let mut entries: Vec<(Bytes, u64, Bytes)> = Vec::with_capacity(live);
     let mut after = None;
     loop {
         let next = e

@@ -45,12 +45,8 @@ struct Args {
     /// this one's next commit (for tests of that path, and for diagnosis).
     #[arg(long)]
     no_tail: bool,
-    /// Threads for the async runtime: 1 runs every task on this one thread (no wake-ups
-    /// across threads; measured the cheaper choice on 2 cores, see docs/performance.md),
-    /// N > 1 runs N worker threads, 0 one worker per core. Checkpoint encoding runs on a
-    /// thread of its own either way.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    #[command(flatten)]
+    runtime: protocol::server::RuntimeArgs,
 }
 
 // glibc's malloc showed as ~12% of the kvstore's CPU under write load (many small,
@@ -61,7 +57,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     protocol::server::init_logging();
     let args = Args::parse();
-    protocol::server::runtime(args.threads)
+    args.runtime
+        .build()
         .context("starting the tokio runtime")?
         .block_on(run(args))
 }

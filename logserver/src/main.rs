@@ -57,23 +57,20 @@ struct Args {
     /// address in the membership (the fault-injection tests route each link through a proxy).
     #[arg(long, default_value = "")]
     raft_route: String,
-    /// Threads for the async runtime: 1 runs every task on this one thread (no wake-ups
-    /// across threads; measured the cheaper choice on 2 cores, see docs/performance.md),
-    /// N > 1 runs N worker threads, 0 one worker per core. Disk syncs run on threads of
-    /// their own either way.
-    #[arg(long, default_value_t = 1)]
-    threads: usize,
+    #[command(flatten)]
+    runtime: protocol::server::RuntimeArgs,
 }
 
-// glibc's malloc showed as ~12% of the kvstore's CPU under write load (many small,
-// short-lived buffers and Bytes across threads); mimalloc's thread-local free lists are cheaper.
+// As in the kvstore: glibc's malloc was a large share of CPU under write load (many small,
+// short-lived buffers and Bytes); mimalloc's thread-local free lists are cheaper.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     protocol::server::init_logging();
     let args = Args::parse();
-    protocol::server::runtime(args.threads)
+    args.runtime
+        .build()
         .context("starting the tokio runtime")?
         .block_on(run(args))
 }

@@ -71,17 +71,30 @@ pub fn init_logging() {
         .init();
 }
 
-/// The tokio runtime a server runs on (its `--threads`): with 1, a single-threaded runtime
-/// where every task runs on the calling thread, so handing work from task to task needs no
-/// wake-up of another thread; with N > 1, N worker threads; with 0, one per core. Blocking
-/// work goes to tokio's blocking pool either way.
-pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut b = match threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        _ => tokio::runtime::Builder::new_multi_thread(),
-    };
-    if threads > 1 {
-        b.worker_threads(threads);
+/// A server's `--threads`: the tokio runtime it runs on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeArgs {
+    /// Threads for the async runtime: 1 runs every task on this one thread (no wake-ups
+    /// across threads; measured the cheaper choice on 2 cores, see docs/performance.md),
+    /// N > 1 runs N worker threads, 0 one worker per core. Disk syncs and other blocking work
+    /// run on threads of their own either way.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+impl RuntimeArgs {
+    /// With 1 thread, a single-threaded runtime where every task runs on the calling thread,
+    /// so handing work from task to task needs no wake-up of another thread; with N > 1, N
+    /// worker threads; with 0, one per core. Blocking work goes to tokio's blocking pool
+    /// either way.
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut b = match self.threads {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            _ => tokio::runtime::Builder::new_multi_thread(),
+        };
+        if self.threads > 1 {
+            b.worker_threads(self.threads);
+        }
+        b.enable_all().build()
     }
-    b.enable_all().build()
 }
