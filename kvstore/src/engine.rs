@@ -424,6 +424,29 @@ impl Engine {
             .scan(start, end, s, limit)
     }
 
+    /// Waits until no in-flight commit below `s` writes into `[start, end)`. After it, pages of
+    /// that range read at `s` (with `scan_page`, while `s` stays registered) are one stable
+    /// snapshot: every commit that could still get a timestamp below `s` already had one.
+    pub async fn wait_range(&self, start: &[u8], end: &[u8], s: u64) {
+        self.wait_inflight(s, |k| k >= start && k < end).await;
+    }
+
+    /// One page of `(from, end)` at `s` (see [`Store::scan_page`]); call `wait_range` first.
+    /// The store is locked only for the page, so a long scan lets commits and GC in between.
+    pub fn scan_page(
+        &self,
+        from: std::ops::Bound<&[u8]>,
+        end: &[u8],
+        s: u64,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> crate::mvcc::Page {
+        self.store
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .scan_page(from, end, s, max_keys, max_bytes)
+    }
+
     /// Commits writes made on the snapshot `start_ts` (first committer wins). `start_ts` None
     /// is a blind single-statement write: it reads nothing, so its snapshot is its commit
     /// timestamp, nothing can commit in between, and it never conflicts.

@@ -8,9 +8,11 @@
 //! - [`engine`]: timestamps, snapshots, first-committer-wins, group commit, fencing, recovery,
 //!   checkpoints.
 //! - [`follow`]: `TAIL`s the log to notice at once that a newer kvstore took over.
+//! - [`limits`]: per-transaction and server-wide limits on buffered writes and snapshot age.
 //! - [`server`]: sessions and the DKSP commands.
 pub mod engine;
 pub mod follow;
+pub mod limits;
 pub mod mvcc;
 pub mod record;
 pub mod server;

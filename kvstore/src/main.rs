@@ -5,6 +5,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use kvstore::engine::{Config, Engine};
+use kvstore::limits::{Budget, Limits};
+use std::sync::Arc;
 
 /// The dtkv kvstore: MVCC transactions with snapshot isolation over DKSP. It keeps no durable
 /// state: commits go to the logserver, and it rebuilds itself from the log on start.
@@ -38,6 +40,19 @@ struct Args {
     /// Abort a transaction idle for this many seconds.
     #[arg(long, default_value_t = 60)]
     txn_timeout_secs: u64,
+    /// Abort a transaction whose snapshot is older than this many seconds, busy or not, so
+    /// garbage collection always progresses (`ABORTED TOO_OLD`); a `SCAN` streaming to a slow
+    /// reader ends with an `ERR` line then.
+    #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_SNAPSHOT_AGE_SECS)]
+    max_snapshot_age_secs: u64,
+    /// Largest write set of one transaction, in bytes of keys plus values (a DEL counts its
+    /// key): a PUT/DEL past it answers ERR TOO_LARGE (and aborts the transaction).
+    #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_TXN_BYTES)]
+    max_txn_bytes: usize,
+    /// MiB that all open transactions together may buffer; a write past it answers
+    /// ERR UNAVAILABLE and aborts its transaction.
+    #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_BUFFERED_MIB)]
+    max_buffered_mib: usize,
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
@@ -91,13 +106,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.sequencer,
         args.log
     );
-    let idle = Duration::from_secs(args.txn_timeout_secs.max(1));
+    let limits = Arc::new(Limits {
+        idle_timeout: Duration::from_secs(args.txn_timeout_secs.max(1)),
+        max_snapshot_age: Duration::from_secs(args.max_snapshot_age_secs.max(1)),
+        max_txn_bytes: args.max_txn_bytes.max(1),
+        budget: Budget::new(args.max_buffered_mib.max(1).saturating_mul(1 << 20)),
+    });
     let shutdown = CancellationToken::new();
     let serving = tokio::spawn(protocol::server::serve(
         listener,
         args.max_line,
         shutdown.clone(),
-        move |conn, token| kvstore::server::handle(conn, engine.clone(), idle, token),
+        move |conn, token| kvstore::server::handle(conn, engine.clone(), limits.clone(), token),
     ));
     protocol::server::shutdown_signal().await;
     tracing::info!("shutting down");

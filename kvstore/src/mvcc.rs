@@ -60,6 +60,47 @@ impl Store {
             .collect()
     }
 
+    /// One page of a scan of `(from, end)` at `snapshot_ts`: at most `max_keys` keys looked at
+    /// (live or not, so a range of tombstones is paged too) and about `max_bytes` of rows (at
+    /// least one row, however large). Pages taken one after another from each page's
+    /// `more_after` add up to exactly what one `scan` of the whole range returns, as long as the
+    /// snapshot stays registered (garbage collection keeps what it reads).
+    pub fn scan_page(
+        &self,
+        from: Bound<&[u8]>,
+        end: &[u8],
+        snapshot_ts: u64,
+        max_keys: usize,
+        max_bytes: usize,
+    ) -> Page {
+        let mut page = Page {
+            rows: Vec::new(),
+            more_after: None,
+        };
+        // BTreeMap::range panics on an empty or inverted range.
+        let empty = match from {
+            Bound::Included(s) | Bound::Excluded(s) => s >= end,
+            Bound::Unbounded => false,
+        };
+        if empty {
+            return page;
+        }
+        let mut examined = 0usize;
+        let mut bytes = 0usize;
+        for (k, versions) in self.keys.range::<[u8], _>((from, Bound::Excluded(end))) {
+            examined += 1;
+            if let Some(v) = visible(versions, snapshot_ts).and_then(|v| v.value.as_ref()) {
+                bytes = bytes.saturating_add(k.len() + v.len());
+                page.rows.push((k.clone(), v.clone()));
+            }
+            if examined >= max_keys.max(1) || bytes >= max_bytes {
+                page.more_after = Some(k.clone());
+                break;
+            }
+        }
+        page
+    }
+
     /// A store holding one version per key, as a checkpoint lists them. Built in bulk (sorted
     /// input makes this linear), which is several times faster than applying keys one by one.
     pub fn from_latest(entries: Vec<(Bytes, u64, Bytes)>) -> Store {
@@ -190,6 +231,14 @@ impl Store {
     pub fn stats(&self) -> (usize, usize, usize) {
         (self.keys.len(), self.versions, self.bytes)
     }
+}
+
+/// A page of a scan (see [`Store::scan_page`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub rows: Vec<(Bytes, Bytes)>,
+    /// The last key looked at, when the range may hold more after it; `None` once it is done.
+    pub more_after: Option<Bytes>,
 }
 
 fn visible(versions: &[Version], snapshot_ts: u64) -> Option<&Version> {

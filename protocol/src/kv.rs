@@ -3,7 +3,8 @@
 use bytes::Bytes;
 
 use crate::cmd::{encode, Cmd};
-use crate::response::ServerError;
+use crate::response::{ErrorCode, ServerError};
+use crate::token;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -57,10 +58,25 @@ impl Request {
             "SCAN" => {
                 const USAGE: &str = "SCAN <start> <end> [LIMIT n]";
                 c.arity(2, 4, USAGE)?;
-                let limit = match c.args.len() {
-                    2 => None,
-                    4 if c.args[2].eq_ignore_ascii_case(b"LIMIT") => Some(c.u64(3, "LIMIT")?),
-                    _ => c.arity(2, 2, USAGE).map(|_| None)?,
+                // Past the bounds come options; name the one that is wrong rather than count.
+                let limit = match c.args.get(2) {
+                    None => None,
+                    Some(opt) if !opt.eq_ignore_ascii_case(b"LIMIT") => {
+                        return Err(ServerError::new(
+                            ErrorCode::Syntax,
+                            format!(
+                                "unknown SCAN option {}; usage: {USAGE}",
+                                token::display(opt)
+                            ),
+                        ));
+                    }
+                    Some(_) if c.args.len() == 3 => {
+                        return Err(ServerError::new(
+                            ErrorCode::Syntax,
+                            format!("LIMIT needs a count; usage: {USAGE}"),
+                        ));
+                    }
+                    Some(_) => Some(c.u64(3, "LIMIT")?),
                 };
                 // The bounds are not keys: "" is a valid start (from the beginning).
                 Request::Scan {
@@ -105,5 +121,53 @@ impl Request {
             Request::Status => encode("STATUS", &none),
             Request::Quit => encode("QUIT", &none),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(line: &str) -> ServerError {
+        match Request::parse(line.as_bytes()) {
+            Err(e) => e,
+            Ok(r) => panic!("{line:?} parsed as {r:?}"),
+        }
+    }
+
+    #[test]
+    fn scan_names_an_unknown_option_instead_of_counting_arguments() {
+        let e = err("SCAN a b FOO 3");
+        assert_eq!(e.code, ErrorCode::Syntax);
+        assert!(e.message.contains("unknown SCAN option FOO"), "{e}");
+        assert!(err("SCAN a b FOO")
+            .message
+            .contains("unknown SCAN option FOO"));
+        assert!(err("SCAN a b LIMIT")
+            .message
+            .contains("LIMIT needs a count"));
+        assert!(err("SCAN a b LIMIT x").message.contains("LIMIT"));
+        assert!(err("SCAN a b LIMIT 1 2")
+            .message
+            .contains("wrong number of arguments (5)"));
+        assert!(err("SCAN a")
+            .message
+            .contains("wrong number of arguments (1)"));
+        assert_eq!(
+            Request::parse(b"scan a b limit 3").unwrap(),
+            Some(Request::Scan {
+                start: "a".into(),
+                end: "b".into(),
+                limit: Some(3)
+            })
+        );
+        assert_eq!(
+            Request::parse(b"SCAN a b").unwrap(),
+            Some(Request::Scan {
+                start: "a".into(),
+                end: "b".into(),
+                limit: None
+            })
+        );
     }
 }

@@ -1,0 +1,360 @@
+//! The kvstore's session limits as a process (issue #18): a transaction aborted under the
+//! client stays aborted until the client ends it, writes over `--max-txn-bytes` or the
+//! server-wide buffer budget are refused, blank lines are not activity, old snapshots are
+//! aborted so GC progresses, and SCAN streams to a slow reader without holding up others.
+//! Every limit is set small through its flag so the tests stay fast.
+
+use bytes::Bytes;
+use cluster_tests::{wait_until, System};
+use protocol::{Client, CommitOutcome, ErrorCode, Response};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// A field of the kvstore's STATUS.
+async fn stat(addr: SocketAddr, field: &str) -> u64 {
+    cluster_tests::status(addr)
+        .await
+        .and_then(|s| s.get(field)?.parse().ok())
+        .unwrap_or_else(|| panic!("STATUS has no {field}"))
+}
+
+async fn wait_stat(addr: SocketAddr, field: &str, what: &str, cond: impl Fn(u64) -> bool + Copy) {
+    wait_until(Duration::from_secs(20), what, || async move {
+        cond(stat(addr, field).await)
+    })
+    .await;
+}
+
+/// Asserts `r` is `ERR NO_TXN current transaction is aborted (<reason>...`.
+fn assert_aborted_state(r: &Response, reason: &str) {
+    match r {
+        Response::Err(e) => {
+            assert_eq!(e.code, ErrorCode::NoTxn, "{e}");
+            assert!(
+                e.message
+                    .starts_with(&format!("current transaction is aborted ({reason}:")),
+                "{e}"
+            );
+            assert!(e.message.ends_with("end it with COMMIT or ABORT"), "{e}");
+        }
+        r => panic!("expected the aborted state, got {r:?}"),
+    }
+}
+
+fn assert_err(r: &Response, code: ErrorCode, contains: &str) {
+    match r {
+        Response::Err(e) => {
+            assert_eq!(e.code, code, "{e}");
+            assert!(e.message.contains(contains), "{e}");
+        }
+        r => panic!("expected ERR {code}, got {r:?}"),
+    }
+}
+
+/// The repro of issue #18 item 3: BEGIN, idle past the timeout, then a pipelined PUT, PUT, PUT,
+/// COMMIT. It once answered ERR, OK, OK, ERR and committed the last two as autocommit writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_transaction_after_an_idle_timeout_writes_nothing() {
+    let sys = System::start(&["--txn-timeout-secs", "1"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.begin().await.unwrap();
+    wait_stat(
+        sys.kv_addr,
+        "open_txns",
+        "the idle transaction to time out",
+        |n| n == 0,
+    )
+    .await;
+    for line in ["PUT ta 1", "PUT tb 2", "PUT tc 3", "COMMIT"] {
+        c.send(line.as_bytes());
+    }
+    c.flush().await.unwrap();
+    for _ in 0..3 {
+        assert_aborted_state(&c.recv().await.unwrap(), "TIMEOUT");
+    }
+    assert_eq!(
+        c.recv().await.unwrap(),
+        Response::Aborted(vec![Bytes::from("TIMEOUT")])
+    );
+    let mut other = Client::connect(sys.kv_addr).await.unwrap();
+    for k in ["ta", "tb", "tc"] {
+        assert_eq!(other.get(k).await.unwrap(), None, "{k} was written");
+    }
+    // COMMIT ended the aborted block: the session works as usual again.
+    c.put("after", "1").await.unwrap();
+    assert_eq!(c.get("after").await.unwrap(), Some(Bytes::from("1")));
+    // ABORT ends it too, and BEGIN is refused until then.
+    c.begin().await.unwrap();
+    wait_stat(
+        sys.kv_addr,
+        "open_txns",
+        "the second transaction to time out",
+        |n| n == 0,
+    )
+    .await;
+    assert_aborted_state(&c.call(b"BEGIN").await.unwrap(), "TIMEOUT");
+    assert_aborted_state(&c.call(b"PING").await.unwrap(), "TIMEOUT");
+    assert_eq!(c.call(b"ABORT").await.unwrap(), Response::ok());
+    assert_eq!(c.call(b"ABORT").await.unwrap(), {
+        Response::err(ErrorCode::NoTxn, "no transaction is open")
+    });
+}
+
+/// Blank lines (and lines that are not commands) do not keep a transaction alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_kept_alive_by_blank_lines_times_out() {
+    let sys = System::start(&["--txn-timeout-secs", "1"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.begin().await.unwrap();
+    c.put("kept", "v").await.unwrap();
+    let addr = sys.kv_addr;
+    let mut ticks = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // A blank line every 200 ms, five per timeout, until the transaction is gone.
+    while stat(addr, "open_txns").await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "blank lines kept the transaction open"
+        );
+        c.send(b"");
+        c.send(b"   ");
+        c.flush().await.unwrap();
+        ticks += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ticks >= 2, "timed out before any blank line was sent");
+    assert_eq!(
+        c.commit().await.unwrap(),
+        CommitOutcome::Aborted(vec![Bytes::from("TIMEOUT")])
+    );
+    assert_eq!(c.get("kept").await.unwrap(), None);
+}
+
+/// A snapshot past `--max-snapshot-age-secs` is aborted (`TOO_OLD`) whether its session is
+/// busy or idle, so the GC watermark moves on and old versions are freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_the_age_limit_is_aborted_even_while_active() {
+    let sys = System::start(&["--max-snapshot-age-secs", "1", "--txn-timeout-secs", "600"]).await;
+    let addr = sys.kv_addr;
+    // An idle transaction pins the watermark while another client rewrites one key.
+    let mut idle = Client::connect(addr).await.unwrap();
+    idle.begin().await.unwrap();
+    let mut w = Client::connect(addr).await.unwrap();
+    for i in 0..50 {
+        w.put("hot", i.to_string()).await.unwrap();
+    }
+    // An active transaction, reading all the time.
+    let mut busy = Client::connect(addr).await.unwrap();
+    busy.begin().await.unwrap();
+    busy.put("mine", "v").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an active transaction never got too old"
+        );
+        match busy.call(b"GET mine").await.unwrap() {
+            Response::Value(v) => assert_eq!(v, "v"),
+            r => break r,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_aborted_state(&refused, "TOO_OLD");
+    assert_eq!(
+        busy.commit().await.unwrap(),
+        CommitOutcome::Aborted(vec![Bytes::from("TOO_OLD")])
+    );
+    assert_eq!(w.get("mine").await.unwrap(), None);
+    // The idle one went too, on its own deadline: GC then frees the 49 old versions.
+    wait_stat(
+        addr,
+        "open_txns",
+        "the idle old snapshot to be aborted",
+        |n| n == 0,
+    )
+    .await;
+    wait_stat(addr, "versions", "GC to free the old versions", |n| n <= 3).await;
+    assert_eq!(
+        idle.commit().await.unwrap(),
+        CommitOutcome::Aborted(vec![Bytes::from("TOO_OLD")])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_over_max_txn_bytes_is_refused_and_aborts_its_transaction() {
+    let sys = System::start(&["--max-txn-bytes", "1000"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    // Autocommit: key + value over the limit is refused, at the limit is fine.
+    let r = c
+        .call(format!("PUT k {}", "x".repeat(1000)).as_bytes())
+        .await
+        .unwrap();
+    assert_err(&r, ErrorCode::TooLarge, "1001 bytes");
+    assert_err(&r, ErrorCode::TooLarge, "--max-txn-bytes");
+    assert_eq!(c.get("k").await.unwrap(), None);
+    c.put("k", "x".repeat(999)).await.unwrap();
+    // In a transaction: a key rewritten counts once, at its last value.
+    c.begin().await.unwrap();
+    c.put("a", "y".repeat(500)).await.unwrap();
+    c.put("a", "z".repeat(500)).await.unwrap();
+    c.del("b").await.unwrap();
+    // 501 + 1 + 498 = 1000: still fits. One more byte does not.
+    c.put("c", "w".repeat(497)).await.unwrap();
+    c.send(b"PUT d 1");
+    // Pipelined after the refused write: none of these may run as autocommit.
+    c.send(b"PUT e 1");
+    c.send(b"DEL k");
+    c.send(b"COMMIT");
+    c.flush().await.unwrap();
+    assert_err(
+        &c.recv().await.unwrap(),
+        ErrorCode::TooLarge,
+        "would total 1002 bytes",
+    );
+    assert_aborted_state(&c.recv().await.unwrap(), "TOO_LARGE");
+    assert_aborted_state(&c.recv().await.unwrap(), "TOO_LARGE");
+    assert_eq!(
+        c.recv().await.unwrap(),
+        Response::Aborted(vec![Bytes::from("TOO_LARGE")])
+    );
+    for k in ["a", "c", "d", "e"] {
+        assert_eq!(c.get(k).await.unwrap(), None, "{k}");
+    }
+    assert_eq!(c.get("k").await.unwrap().map(|v| v.len()), Some(999));
+}
+
+/// All sessions' buffered writes share `--max-buffered-mib`; a write past it is refused with
+/// ERR UNAVAILABLE and aborts its transaction, and the budget comes back when a transaction
+/// ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buffered_write_budget_is_shared_by_all_connections() {
+    let sys = System::start(&["--max-buffered-mib", "1"]).await;
+    let addr = sys.kv_addr;
+    let big = "v".repeat(600_000);
+    let mut a = Client::connect(addr).await.unwrap();
+    let mut b = Client::connect(addr).await.unwrap();
+    a.begin().await.unwrap();
+    a.put("a", big.clone()).await.unwrap();
+    assert_eq!(stat(addr, "buffered_bytes").await, 600_001);
+    b.begin().await.unwrap();
+    b.put("small", "1").await.unwrap();
+    let r = b.call(format!("PUT b {big}").as_bytes()).await.unwrap();
+    assert_err(&r, ErrorCode::Unavailable, "--max-buffered-mib");
+    assert_aborted_state(&b.call(b"GET small").await.unwrap(), "UNAVAILABLE");
+    assert_eq!(
+        b.commit().await.unwrap(),
+        CommitOutcome::Aborted(vec![Bytes::from("UNAVAILABLE")])
+    );
+    assert_eq!(
+        stat(addr, "buffered_bytes").await,
+        600_001,
+        "b's aborted transaction gave its share back"
+    );
+    // a commits, which frees its share; then b fits.
+    assert!(matches!(
+        a.commit().await.unwrap(),
+        CommitOutcome::Committed(_)
+    ));
+    assert_eq!(stat(addr, "buffered_bytes").await, 0);
+    b.begin().await.unwrap();
+    b.put("b", big.clone()).await.unwrap();
+    assert!(matches!(
+        b.commit().await.unwrap(),
+        CommitOutcome::Committed(_)
+    ));
+    assert_eq!(a.get("a").await.unwrap().map(|v| v.len()), Some(600_000));
+    assert_eq!(a.get("b").await.unwrap().map(|v| v.len()), Some(600_000));
+    assert_eq!(a.get("small").await.unwrap(), None);
+}
+
+/// Resident memory of a process, from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// SCAN streams: a client that asks for a 32 MB range and never reads holds its snapshot
+/// (the scan is under way, not materialised), adds far less than the result to the server's
+/// memory, does not keep other clients from being answered, and once its snapshot is older
+/// than the age limit gets the rows sent so far and then one ERR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
+    let sys = System::start(&["--max-snapshot-age-secs", "4"]).await;
+    let addr = sys.kv_addr;
+    let pid = sys.kv.as_ref().and_then(|p| p.pid()).expect("kvstore pid");
+    let n = 4000usize;
+    let value = "s".repeat(8 * 1024);
+    let mut w = Client::connect(addr).await.unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        for i in chunk {
+            w.send(format!("PUT scan{i:05} {value}").as_bytes());
+        }
+        w.flush().await.unwrap();
+        for _ in chunk {
+            assert_eq!(w.recv().await.unwrap(), Response::ok());
+        }
+    }
+    let before = rss_bytes(pid);
+    let mut reader = Client::connect(addr).await.unwrap();
+    reader.send(b"SCAN scan scan~");
+    reader.flush().await.unwrap();
+    // The scan's snapshot stays registered while it streams to a reader that does not read.
+    wait_stat(addr, "open_txns", "the scan to be under way", |n| n == 1).await;
+    let mut other = Client::connect(addr).await.unwrap();
+    let answered = tokio::time::timeout(Duration::from_secs(10), async {
+        other.ping().await.unwrap();
+        other.put("other", "1").await.unwrap();
+        assert_eq!(
+            other.get("scan00007").await.unwrap().map(|v| v.len()),
+            Some(value.len())
+        );
+        other
+            .scan("scan0000", "scan0001", None)
+            .await
+            .unwrap()
+            .len()
+    })
+    .await
+    .expect("another client was held up by the blocked scan");
+    assert_eq!(answered, 10);
+    let grown = rss_bytes(pid).saturating_sub(before);
+    assert!(
+        grown < 8 << 20,
+        "the server grew by {grown} bytes for a blocked 32 MB scan"
+    );
+    // Past the age limit the blocked scan lets go of its snapshot...
+    wait_stat(addr, "open_txns", "the blocked scan to be too old", |n| {
+        n == 0
+    })
+    .await;
+    // ...and its reader gets the rows sent so far, in order, then one ERR line.
+    let mut rows = 0usize;
+    let last = loop {
+        match reader.recv().await.unwrap() {
+            Response::Kv(k, v) => {
+                assert_eq!(k, format!("scan{rows:05}"));
+                assert_eq!(v.len(), value.len());
+                rows += 1;
+            }
+            r => break r,
+        }
+    };
+    assert!(
+        rows < n,
+        "all {rows} rows were sent to a reader that did not read"
+    );
+    assert_err(
+        &last,
+        ErrorCode::Unavailable,
+        &format!("SCAN stopped after {rows} rows"),
+    );
+    assert_err(&last, ErrorCode::Unavailable, "--max-snapshot-age-secs");
+    // The connection is fine, and a scan that is read completes.
+    reader.ping().await.unwrap();
+    let all = reader.scan("scan", "scan~", Some(300)).await.unwrap();
+    assert_eq!(all.len(), 300);
+}
