@@ -236,6 +236,10 @@ async fn the_buffered_write_budget_is_shared_by_all_connections() {
     a.begin().await.unwrap();
     a.put("a", big.clone()).await.unwrap();
     assert_eq!(stat(addr, "buffered_bytes").await, 600_001);
+    // An autocommit write with nothing of its own in flight is refused outright...
+    let mut c = Client::connect(addr).await.unwrap();
+    let r = c.call(format!("PUT c {big}").as_bytes()).await.unwrap();
+    assert_err(&r, ErrorCode::Unavailable, "--max-buffered-mib");
     b.begin().await.unwrap();
     b.put("small", "1").await.unwrap();
     let r = b.call(format!("PUT b {big}").as_bytes()).await.unwrap();
@@ -265,6 +269,17 @@ async fn the_buffered_write_budget_is_shared_by_all_connections() {
     assert_eq!(a.get("a").await.unwrap().map(|v| v.len()), Some(600_000));
     assert_eq!(a.get("b").await.unwrap().map(|v| v.len()), Some(600_000));
     assert_eq!(a.get("small").await.unwrap(), None);
+    // ...while one that pipelines many waits for its own writes in the log instead: 10 x 600 KB
+    // through a 1 MiB budget all succeed.
+    for i in 0..10 {
+        c.send(format!("PUT c{i} {big}").as_bytes());
+    }
+    c.flush().await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(c.recv().await.unwrap(), Response::ok());
+    }
+    assert_eq!(c.get("c9").await.unwrap().map(|v| v.len()), Some(600_000));
+    assert_eq!(stat(addr, "buffered_bytes").await, 0);
 }
 
 /// Resident memory of a process, from /proc.

@@ -33,23 +33,12 @@ pub struct Limits {
     pub max_snapshot_age: Duration,
     /// The largest write set of one transaction, in key + value bytes.
     pub max_txn_bytes: usize,
-    /// Buffered transaction writes of all sessions together.
+    /// Buffered transaction writes (and autocommit writes waiting for the log) of all sessions.
     pub budget: Arc<Budget>,
 }
 
-impl Limits {
-    /// The defaults, with a budget of `DEFAULT_MAX_BUFFERED_MIB`.
-    pub fn new(idle_timeout: Duration) -> Limits {
-        Limits {
-            idle_timeout,
-            max_snapshot_age: Duration::from_secs(DEFAULT_MAX_SNAPSHOT_AGE_SECS),
-            max_txn_bytes: DEFAULT_MAX_TXN_BYTES,
-            budget: Budget::new(DEFAULT_MAX_BUFFERED_MIB << 20),
-        }
-    }
-}
-
-/// Bytes that all sessions' transactions may buffer together.
+/// Bytes that all sessions may buffer together: open transactions' writes and pipelined
+/// autocommit writes not yet answered.
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicUsize,

@@ -49,8 +49,9 @@ struct Args {
     /// key): a PUT/DEL past it answers ERR TOO_LARGE (and aborts the transaction).
     #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_TXN_BYTES)]
     max_txn_bytes: usize,
-    /// MiB that all open transactions together may buffer; a write past it answers
-    /// ERR UNAVAILABLE and aborts its transaction.
+    /// MiB that all open transactions (and pipelined autocommit writes not yet answered) may
+    /// buffer together; a transaction's write past it answers ERR UNAVAILABLE and aborts the
+    /// transaction. At least --max-txn-bytes.
     #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_BUFFERED_MIB)]
     max_buffered_mib: usize,
     /// Longest request line accepted, in bytes.
@@ -105,6 +106,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener.local_addr()?,
         args.sequencer,
         args.log
+    );
+    anyhow::ensure!(
+        args.max_buffered_mib.max(1).saturating_mul(1 << 20) >= args.max_txn_bytes,
+        "--max-buffered-mib ({} MiB) must hold at least one transaction of --max-txn-bytes ({} bytes)",
+        args.max_buffered_mib,
+        args.max_txn_bytes
     );
     let limits = Arc::new(Limits {
         idle_timeout: Duration::from_secs(args.txn_timeout_secs.max(1)),

@@ -12,7 +12,8 @@
 //!   `ABORT` (`OK`) and `QUIT` is refused with `ERR NO_TXN`, so a pipelined transaction is never
 //!   committed in part as autocommit writes.
 //! - A transaction's buffered writes stay within `--max-txn-bytes` and hold a share of the
-//!   server-wide budget (see [`crate::limits`]) until the transaction ends.
+//!   server-wide budget (see [`crate::limits`]) until the transaction ends; a pipelined
+//!   autocommit write holds its share until it is answered.
 //! - Only real commands count as activity: blank lines, unparsable lines and over-long lines do
 //!   not move the idle deadline.
 //! - `SCAN` streams: it reads the range in pages at its snapshot and writes and flushes each page
@@ -611,7 +612,11 @@ async fn stream_scan(
 /// A reply that may still be waiting for the log.
 enum Pending {
     Ready(Response),
-    Waiting(oneshot::Receiver<Result<(), EngineError>>),
+    /// In the log; the write holds its share of the budget until it is answered.
+    Waiting {
+        rx: oneshot::Receiver<Result<(), EngineError>>,
+        _share: Reservation,
+    },
 }
 
 fn write_reply(r: Result<Result<(), EngineError>, oneshot::error::RecvError>) -> Response {
@@ -630,7 +635,7 @@ async fn drain(conn: &mut Connection, pending: &mut VecDeque<Pending>) {
     while let Some(p) = pending.pop_front() {
         let r = match p {
             Pending::Ready(r) => r,
-            Pending::Waiting(rx) => write_reply(rx.await),
+            Pending::Waiting { rx, .. } => write_reply(rx.await),
         };
         conn.write_response(&r);
     }
@@ -651,7 +656,7 @@ pub async fn handle(
         while let Some(front) = pending.front_mut() {
             let r = match front {
                 Pending::Ready(r) => r.clone(),
-                Pending::Waiting(rx) => match rx.try_recv() {
+                Pending::Waiting { rx, .. } => match rx.try_recv() {
                     Ok(r) => write_reply(Ok(r)),
                     Err(oneshot::error::TryRecvError::Empty) => break,
                     Err(oneshot::error::TryRecvError::Closed) => {
@@ -667,7 +672,7 @@ pub async fn handle(
         if (idle || !can_read) && conn.flush().await.is_err() {
             return;
         }
-        let head_waiting = matches!(pending.front(), Some(Pending::Waiting(_)));
+        let head_waiting = matches!(pending.front(), Some(Pending::Waiting { .. }));
         // With a transaction open, waiting for its next command (or flushing to a client that
         // does not read) ends at its deadline; without one, a session waits as long as it likes.
         let deadline = session.deadline();
@@ -675,7 +680,7 @@ pub async fn handle(
             _ = shutdown.cancelled() => break,
             r = async {
                 match pending.front_mut() {
-                    Some(Pending::Waiting(rx)) => rx.await,
+                    Some(Pending::Waiting { rx, .. }) => rx.await,
                     _ => std::future::pending().await,
                 }
             }, if head_waiting => {
@@ -723,8 +728,28 @@ pub async fn handle(
                 pending.push_back(Pending::Ready(r));
                 continue;
             }
+            // Writes waiting for the log count against the budget too (a pipelining client
+            // could otherwise queue MAX_PIPELINE large values); when it is short, this
+            // session's own writes are waited for first, which is backpressure, not an error.
+            let size = write_size(&write.0, write.1.as_ref());
+            let mut share = session.limits.budget.reserve();
+            if !share.resize(size) && pending.iter().any(|p| matches!(p, Pending::Waiting { .. })) {
+                drain(&mut conn, &mut pending).await;
+            }
+            if share.bytes() != size && !share.resize(size) {
+                pending.push_back(Pending::Ready(Response::err(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the server's budget for buffered writes ({} bytes, --max-buffered-mib) is used up; retry later",
+                        session.limits.budget.limit()
+                    ),
+                )));
+                continue;
+            }
             match session.engine.submit(None, vec![write]).await {
-                Ok(Submitted::Queued(_, rx)) => pending.push_back(Pending::Waiting(rx)),
+                Ok(Submitted::Queued(_, rx)) => {
+                    pending.push_back(Pending::Waiting { rx, _share: share })
+                }
                 // Blind writes never conflict; answer as a commit would, to be safe.
                 Ok(Submitted::Conflict(_)) => pending.push_back(Pending::Ready(Response::err(
                     ErrorCode::Unavailable,
