@@ -373,3 +373,44 @@ async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
     let all = reader.scan("scan", "scan~", Some(300)).await.unwrap();
     assert_eq!(all.len(), 300);
 }
+
+/// A transaction open when a newer kvstore takes over is aborted under its client: it could
+/// only ever read stale data and never commit. (Its reads once went on from the old state.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_open_when_the_kvstore_is_fenced_is_aborted() {
+    let mut sys = System::start(&[]).await;
+    let old = sys.kv_addr;
+    let mut c = Client::connect(old).await.unwrap();
+    c.put("k", "1").await.unwrap();
+    c.begin().await.unwrap();
+    c.put("mine", "v").await.unwrap();
+    let _newer = sys
+        .spawn_kv(cluster_tests::local(cluster_tests::free_port()))
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "the old kvstore to fence",
+        || async move {
+            cluster_tests::status(old)
+                .await
+                .is_some_and(|s| s.get("state").map(String::as_str) == Some("fenced"))
+        },
+    )
+    .await;
+    for line in ["GET k", "PUT x 1", "COMMIT"] {
+        c.send(line.as_bytes());
+    }
+    c.flush().await.unwrap();
+    assert_aborted_state(&c.recv().await.unwrap(), "FENCED");
+    assert_aborted_state(&c.recv().await.unwrap(), "FENCED");
+    assert_eq!(
+        c.recv().await.unwrap(),
+        Response::Aborted(vec![Bytes::from("FENCED")])
+    );
+    // Outside a transaction the fenced kvstore answers ERR FENCED as before.
+    assert_err(
+        &c.call(b"GET k").await.unwrap(),
+        ErrorCode::Fenced,
+        "replaced",
+    );
+}
