@@ -53,6 +53,17 @@ struct Txn {
     reservation: Reservation,
 }
 
+impl Txn {
+    /// When its snapshot becomes too old (`None`: a limit past the clock's range).
+    fn old_at(&self, limits: &Limits) -> Option<Instant> {
+        self.began.checked_add(limits.max_snapshot_age)
+    }
+
+    fn too_old(&self, limits: &Limits) -> bool {
+        self.old_at(limits).is_some_and(|at| Instant::now() >= at)
+    }
+}
+
 /// Why a transaction was aborted under the client: the reason word `COMMIT` answers
 /// (`ABORTED <reason>`) and a sentence for people.
 #[derive(Debug, Clone)]
@@ -133,9 +144,12 @@ impl Session {
     /// (from the last real command) or its snapshot too old, whichever is first.
     pub fn deadline(&self) -> Option<Instant> {
         let t = self.txn.as_ref()?;
-        let idle = self.last_command + self.limits.idle_timeout;
-        let old = t.began + self.limits.max_snapshot_age;
-        Some(idle.min(old))
+        // A limit too large to add to a clock reading is no limit.
+        let idle = self.last_command.checked_add(self.limits.idle_timeout);
+        match (idle, t.old_at(&self.limits)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn too_old_why(&self) -> String {
@@ -148,7 +162,7 @@ impl Session {
     /// The deadline passed with no command: abort as `TOO_OLD` or `TIMEOUT`.
     pub fn expire(&mut self) {
         let Some(t) = &self.txn else { return };
-        if Instant::now() >= t.began + self.limits.max_snapshot_age {
+        if t.too_old(&self.limits) {
             let why = self.too_old_why();
             self.abort_txn("TOO_OLD", why);
         } else {
@@ -163,7 +177,7 @@ impl Session {
     /// Aborts the open transaction if it can no longer commit: too old, or the kvstore fenced.
     fn check_txn(&mut self) {
         let Some(t) = &self.txn else { return };
-        if Instant::now() >= t.began + self.limits.max_snapshot_age {
+        if t.too_old(&self.limits) {
             let why = self.too_old_why();
             self.abort_txn("TOO_OLD", why);
             return;
@@ -321,7 +335,10 @@ impl Session {
             .writes
             .get(&key)
             .map_or(0, |v| write_size(&key, v.as_ref()));
-        let total = (t.bytes - old).saturating_add(write_size(&key, value.as_ref()));
+        let total = t
+            .bytes
+            .saturating_sub(old)
+            .saturating_add(write_size(&key, value.as_ref()));
         let max = self.limits.max_txn_bytes;
         if total > max {
             let why = format!(
@@ -365,7 +382,7 @@ impl Session {
         let max_age = self.limits.max_snapshot_age;
         let ended = match &self.txn {
             Some(t) => {
-                let deadline = t.began + max_age;
+                let deadline = t.old_at(&self.limits);
                 stream_scan(
                     &engine,
                     conn,
@@ -390,7 +407,7 @@ impl Session {
                     engine: &engine,
                     ts: s,
                 };
-                let deadline = Instant::now() + max_age;
+                let deadline = Instant::now().checked_add(max_age);
                 stream_scan(&engine, conn, s, deadline, None, start, end, limit).await?
             }
         };
@@ -560,7 +577,7 @@ async fn stream_scan(
     engine: &Engine,
     conn: &mut Connection,
     s: u64,
-    deadline: Instant,
+    deadline: Option<Instant>,
     own: Option<&BTreeMap<Bytes, Option<Bytes>>>,
     start: Bytes,
     end: Bytes,
@@ -576,7 +593,7 @@ async fn stream_scan(
             conn.write_response(&Response::End);
             return Ok(ScanEnd::Done);
         }
-        if Instant::now() >= deadline {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(ScanEnd::TooOld(sent));
         }
         if let Err(e) = engine.check_serving() {
@@ -600,7 +617,11 @@ async fn stream_scan(
         }
         // Flush each page before reading the next: a reader that does not read holds up only
         // this session, and only until its snapshot is too old (the flush is cancel-safe).
-        match tokio::time::timeout_at(deadline, conn.flush()).await {
+        let flushed = match deadline {
+            Some(d) => tokio::time::timeout_at(d, conn.flush()).await,
+            None => Ok(conn.flush().await),
+        };
+        match flushed {
             Ok(r) => r?,
             Err(_too_old) => continue,
         }
