@@ -38,6 +38,10 @@ struct Args {
     /// Abort a transaction idle for this many seconds.
     #[arg(long, default_value_t = 60)]
     txn_timeout_secs: u64,
+    /// A commit not durable in the log within this many seconds (no log majority, full
+    /// disks) is answered `ERR UNAVAILABLE commit outcome unknown: ...` instead of waiting on.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    commit_timeout_secs: u64,
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
@@ -84,6 +88,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         checkpoint_bytes: args.checkpoint_mib.max(1) << 20,
         checkpoint_ratio: args.checkpoint_ratio,
         follow_log: !args.no_tail,
+        commit_timeout: Duration::from_secs(args.commit_timeout_secs),
     });
     tracing::info!(
         "kvstore listening on {}; sequencer {}, log {}",

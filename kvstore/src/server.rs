@@ -40,6 +40,7 @@ fn engine_err(e: EngineError) -> Response {
     match e {
         EngineError::Unavailable(m) => Response::err(ErrorCode::Unavailable, m),
         e @ EngineError::Fenced(_) => Response::err(ErrorCode::Fenced, e.to_string()),
+        EngineError::TooLarge(m) => Response::err(ErrorCode::TooLarge, m),
     }
 }
 
@@ -119,6 +120,10 @@ impl Session {
                     Ok(Outcome::Committed(ts)) => Response::Committed(ts),
                     Ok(Outcome::Conflict(key)) => {
                         Response::Aborted(vec![Bytes::from_static(b"CONFLICT"), key])
+                    }
+                    // The log refused the entry: certainly not committed.
+                    Err(EngineError::TooLarge(_)) => {
+                        Response::Aborted(vec![Bytes::from_static(b"TOO_LARGE")])
                     }
                     Err(e) => engine_err(e),
                 })
