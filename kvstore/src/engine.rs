@@ -28,6 +28,9 @@
 //! - *Only transient failures are retried* (no leader, a lost connection, no answer): a
 //!   deterministic refusal (`ERR TOO_LARGE`, `ERR SYNTAX`, ...) fails the commits of that one
 //!   entry and the committer goes on with the next; the log skips nothing for the unused seq.
+//!   The refused line is never resent; only when an entry of several commits is refused as
+//!   too large are its commits sent again, each in an entry of its own, so that one commit
+//!   too large for the log fails alone.
 //! - *An entry fits the log's line limit*: commits share an entry only up to [`BATCH_BYTES`] of
 //!   `APPEND` line, counted as encoded; a larger transaction goes alone.
 //! - *Bounded waits*: a commit not durable within `commit_timeout` is answered
@@ -172,6 +175,8 @@ struct CommitReq {
     deadline: tokio::time::Instant,
     /// Taken when the commit is answered (an entry may land after its commits timed out).
     reply: Option<oneshot::Sender<Result<(), EngineError>>>,
+    /// Goes in a log entry of its own: it shared one that the log refused as too large.
+    alone: bool,
 }
 
 impl CommitReq {
@@ -189,6 +194,7 @@ impl CommitReq {
             quoted,
             deadline,
             reply: Some(reply),
+            alone: false,
         };
         (req, rx)
     }
@@ -662,6 +668,13 @@ impl Engine {
         self.commits.store(0, Ordering::Relaxed);
         self.commits_since_checkpoint.store(0, Ordering::Relaxed);
         self.bytes_since_checkpoint.store(0, Ordering::Relaxed);
+        // The epoch must come from the sequencer now, not from a block fetched before an
+        // earlier attempt: it orders kvstores by start, and a stale one would lose to (or be
+        // refused behind) every kvstore started meanwhile, attempt after attempt.
+        {
+            let mut t = lock(&self.txns);
+            t.end = t.next;
+        }
         self.refill().await.map_err(|e| e.to_string())?;
         let my_epoch = lock(&self.txns).next;
         // The epoch is a timestamp: it orders kvstores by start.
@@ -1207,6 +1220,25 @@ fn expire(
 /// (a refusal is deterministic; the same line would be refused again) and go on. The log
 /// assigns an index only to appends it takes, so the seq left unused breaks nothing.
 fn reject_batch(e: &Engine, mut batch: Batch, err: protocol::ServerError, out: &mut Outbox) {
+    if err.code == ErrorCode::TooLarge && batch.reqs.len() > 1 {
+        // Several commits together were over the log's limit (which the kvstore does not know;
+        // it is set on the logserver). The entry was discarded unread, so nothing of it is in
+        // the log: its commits go again, each in an entry of its own, ahead of everything
+        // queued, and stay in flight meanwhile. The refused line itself is never resent.
+        // Entries sent behind it may land first; their commits have later timestamps, and the
+        // store orders versions by timestamp, while snapshots wait for these in flight.
+        tracing::warn!(
+            "log refused an entry of {} commits ({} bytes as an APPEND line) as too large; sending them one by one",
+            batch.reqs.len(),
+            batch.line.len()
+        );
+        for mut r in batch.reqs.into_iter().rev() {
+            r.alone = true;
+            out.queued_bytes = out.queued_bytes.saturating_add(r.encoded.len());
+            out.queue.push_front(r);
+        }
+        return;
+    }
     tracing::error!(
         "log refused an entry of {} commits ({} bytes as an APPEND line): {err}; they fail, the next entries go on",
         batch.reqs.len(),
@@ -1283,7 +1315,7 @@ fn append_overhead(client: &[u8], seq: u64) -> usize {
 }
 
 /// Takes commits from the front of `queue` into one entry: the first always (alone, if it is
-/// large), the next ones while the `APPEND` line, counted as encoded, stays within
+/// large or marked so), the next ones while the `APPEND` line, counted as encoded, stays within
 /// [`BATCH_BYTES`].
 fn build_batch(queue: &mut VecDeque<CommitReq>, client: &Bytes, seq: u64) -> Built {
     let mut line_len = append_overhead(client, seq);
@@ -1292,7 +1324,8 @@ fn build_batch(queue: &mut VecDeque<CommitReq>, client: &Bytes, seq: u64) -> Bui
     while let Some(next) = queue.front() {
         // A newline between records is two bytes once quoted (`\n`).
         let add = next.quoted + if reqs.is_empty() { 0 } else { 2 };
-        if !reqs.is_empty() && line_len.saturating_add(add) > BATCH_BYTES {
+        let alone = next.alone || reqs.first().is_some_and(|r| r.alone);
+        if !reqs.is_empty() && (alone || line_len.saturating_add(add) > BATCH_BYTES) {
             full = true;
             break;
         }
