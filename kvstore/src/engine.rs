@@ -981,7 +981,7 @@ impl Leader {
         for b in inflight {
             c.send(&b.line);
         }
-        if c.flush().await.is_err() {
+        if !flushed(&mut c).await {
             self.replicas.rotate();
             return false;
         }
@@ -998,6 +998,16 @@ impl Leader {
         self.conn = None;
         self.replicas.rotate();
     }
+}
+
+/// Flushes what was sent to the log, giving up after [`APPEND_TIMEOUT`]: a replica that is
+/// stopped (not dead) stops reading, and a flush into its full socket buffer would hold the
+/// committer, and every commit deadline, for as long as it stays stopped.
+async fn flushed(c: &mut Client) -> bool {
+    matches!(
+        tokio::time::timeout(APPEND_TIMEOUT, c.flush()).await,
+        Ok(Ok(()))
+    )
 }
 
 async fn next_reply(leader: &mut Leader) -> Result<Response, ClientError> {
@@ -1385,7 +1395,7 @@ async fn send_batch(e: &Engine, out: &mut Outbox) -> bool {
     let tss: Vec<u64> = built.reqs.iter().filter_map(CommitReq::ts).collect();
     if let Some(c) = out.leader.conn.as_mut() {
         c.send(&built.line);
-        if c.flush().await.is_err() {
+        if !flushed(c).await {
             out.leader.rotate();
         }
     }
