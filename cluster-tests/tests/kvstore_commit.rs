@@ -95,13 +95,28 @@ async fn expect_after_refusals(c: &mut Client) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_log_majority_commits_are_answered_unavailable_and_reads_go_on() {
+    // The leader stays, both followers go: it takes appends and never answers them.
+    lose_the_log_majority(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_log_leader_and_a_follower_gone_commits_are_answered_unavailable() {
+    // One follower stays: it redirects to a dead leader, then answers that there is none.
+    lose_the_log_majority(true).await;
+}
+
+async fn lose_the_log_majority(with_the_leader: bool) {
     let mut sys = System::start(&["--commit-timeout-secs", "2"]).await;
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
     c.put("before", "1").await.unwrap();
 
-    // Keep the leader, stop both followers: the leader takes appends and never answers them.
     let leader = sys.log.wait_for_leader().await;
-    for i in (0..3).filter(|&i| i != leader) {
+    let lost: Vec<usize> = if with_the_leader {
+        vec![leader, (leader + 1) % 3]
+    } else {
+        (0..3).filter(|&i| i != leader).collect()
+    };
+    for &i in &lost {
         sys.log.kill9(i);
     }
 
@@ -152,7 +167,7 @@ async fn without_a_log_majority_commits_are_answered_unavailable_and_reads_go_on
     assert_eq!(rows, vec![(Bytes::from("before"), Bytes::from("1"))]);
 
     // The log is back: commits work again.
-    for i in (0..3).filter(|&i| i != leader) {
+    for &i in &lost {
         sys.log.restart(i).await;
     }
     sys.log.wait_for_leader().await;
