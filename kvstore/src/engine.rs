@@ -1121,8 +1121,15 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                                         last_full = send_batch(&e, &mut out).await;
                                     }
                                 }
-                                finish_batch(&e, batch, index, &mut log, epoch, &mut seen_epoch)
-                                    .await;
+                                finish_batch(
+                                    &e,
+                                    batch,
+                                    index,
+                                    &mut log,
+                                    (epoch, &mut seen_epoch),
+                                    &mut out,
+                                )
+                                .await;
                                 // The gap before this entry has been read and applied: an
                                 // entry refused with an unclear error has landed by now or
                                 // never will (see reject_batch).
@@ -1202,13 +1209,8 @@ fn expire(
 ) -> (Option<tokio::time::Instant>, Vec<u64>) {
     let mut next: Option<tokio::time::Instant> = None;
     for b in out.inflight.iter_mut() {
-        while let Some(r) = b.reqs.get_mut(b.answered) {
-            if r.deadline > now {
-                next = Some(next.map_or(r.deadline, |n| n.min(r.deadline)));
-                break;
-            }
-            r.answer(Err(outcome_unknown(timeout)));
-            b.answered += 1;
+        if let Some(d) = expire_sent(b, now, timeout) {
+            next = Some(next.map_or(d, |n| n.min(d)));
         }
     }
     let mut dropped = Vec::new();
@@ -1224,6 +1226,23 @@ fn expire(
         }
     }
     (next, dropped)
+}
+
+/// Answers the commits of a sent entry that are past their deadline ("outcome unknown"; the
+/// entry stays in flight); returns the next deadline among the rest.
+fn expire_sent(
+    b: &mut Batch,
+    now: tokio::time::Instant,
+    timeout: Duration,
+) -> Option<tokio::time::Instant> {
+    while let Some(r) = b.reqs.get_mut(b.answered) {
+        if r.deadline > now {
+            return Some(r.deadline);
+        }
+        r.answer(Err(outcome_unknown(timeout)));
+        b.answered += 1;
+    }
+    None
 }
 
 /// The log refused the oldest batch's `APPEND` with `err`: fail its commits without retrying
@@ -1412,11 +1431,11 @@ async fn send_batch(e: &Engine, out: &mut Outbox) -> bool {
 /// A batch is in the log at `index`: check no newer kvstore got in first, apply, answer.
 async fn finish_batch(
     e: &Arc<Engine>,
-    batch: Batch,
+    mut batch: Batch,
     index: u64,
     log: &mut LogClient,
-    epoch: u64,
-    seen_epoch: &mut u64,
+    (epoch, seen_epoch): (u64, &mut u64),
+    out: &mut Outbox,
 ) {
     let expected = e.applied_index.load(Ordering::SeqCst) + 1;
     if let (true, Mode::Fenced(by)) = (index > expected, e.mode()) {
@@ -1441,6 +1460,14 @@ async fn finish_batch(
                     );
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
+                    // The log may be down for long: commits still get their answer in time.
+                    let now = tokio::time::Instant::now();
+                    let timeout = e.cfg.commit_timeout;
+                    expire_sent(&mut batch, now, timeout);
+                    let (_, dropped) = expire(out, now, timeout);
+                    if !dropped.is_empty() {
+                        e.resolve(&dropped);
+                    }
                     if let Mode::Fenced(by) = e.mode() {
                         *seen_epoch = (*seen_epoch).max(by);
                         break;
