@@ -22,7 +22,22 @@
 //! **The committer** takes everything queued, writes it as one log entry (one `APPEND`: group
 //! commit), and once the log has it on a majority of replicas applies it to the store, in log
 //! order, and answers the clients. Its `(client, seq)` makes a retried append exactly-once, so
-//! it retries through logserver failovers.
+//! it retries through logserver failovers. Its invariants:
+//! - *Acknowledged means durable*: a commit is answered `COMMITTED`/`OK` only once its entry is
+//!   in the log, and never after it was answered anything else.
+//! - *Only transient failures are retried* (no leader, a lost connection, no answer): a
+//!   deterministic refusal (`ERR TOO_LARGE`, `ERR SYNTAX`, ...) fails the commits of that one
+//!   entry and the committer goes on with the next; the log skips nothing for the unused seq.
+//!   The refused line is never resent; only when an entry of several commits is refused as
+//!   too large are its commits sent again, each in an entry of its own, so that one commit
+//!   too large for the log fails alone.
+//! - *An entry fits the log's line limit*: commits share an entry only up to [`BATCH_BYTES`] of
+//!   `APPEND` line, counted as encoded; a larger transaction goes alone.
+//! - *Bounded waits*: a commit not durable within `commit_timeout` is answered
+//!   `ERR UNAVAILABLE commit outcome unknown` (or, if it never left the queue, dropped and
+//!   answered that it was not made). A timed-out entry already sent keeps being retried with
+//!   its `(client, seq)` and, if it lands, is applied in log order like any other: its commits
+//!   stay in flight (snapshots wait for them) until the log has decided.
 //!
 //! **Fencing.** Each kvstore has an epoch (its first timestamp) and starts by appending
 //! `EPOCH <e>`. Log indices are dense, so when an append comes back at an index other than the
@@ -48,7 +63,8 @@ use crate::record::Record;
 
 /// Timestamps fetched from the sequencer at once.
 const TS_BLOCK: u64 = 10_000;
-/// A log entry closes at this many bytes of records.
+/// Commits share a log entry up to this many bytes of `APPEND` line, counted as encoded (a
+/// larger transaction goes alone); far below the log's line limit, [`protocol::log::LOG_MAX_LINE`].
 const BATCH_BYTES: usize = 512 * 1024;
 /// Checkpoint chunk size, before quoting (binary may quadruple when quoted).
 const CKPT_CHUNK: usize = 192 * 1024;
@@ -63,6 +79,10 @@ pub enum EngineError {
     Unavailable(String),
     #[error("this kvstore was replaced by a newer one{}; connect to that one", epoch_note(*.0))]
     Fenced(u64),
+    /// The log refused the commit's entry as over its line limit: it was not appended, so the
+    /// commit did not happen (`ABORTED TOO_LARGE` at `COMMIT`, `ERR TOO_LARGE` for a `PUT`).
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// The epoch of the kvstore that took over, when the log no longer shows it: another writer's
@@ -128,6 +148,9 @@ pub struct Config {
     pub checkpoint_ratio: f64,
     /// Follow the log with TAIL to notice a takeover at once (see `follow`).
     pub follow_log: bool,
+    /// A commit not durable within this long is answered `ERR UNAVAILABLE commit outcome
+    /// unknown` (`--commit-timeout-secs`).
+    pub commit_timeout: Duration,
 }
 
 struct TxnState {
@@ -144,7 +167,50 @@ struct TxnState {
 
 struct CommitReq {
     record: Record,
-    reply: oneshot::Sender<Result<(), EngineError>>,
+    /// `record` as it goes into the log entry (encoded by the session, off the committer).
+    encoded: Vec<u8>,
+    /// `encoded`'s length once quoted into the `APPEND` line, without the quote marks.
+    quoted: usize,
+    /// When the commit must have been answered.
+    deadline: tokio::time::Instant,
+    /// Taken when the commit is answered (an entry may land after its commits timed out).
+    reply: Option<oneshot::Sender<Result<(), EngineError>>>,
+    /// Goes in a log entry of its own: it shared one that the log refused as too large.
+    alone: bool,
+}
+
+impl CommitReq {
+    fn new(
+        record: Record,
+        deadline: tokio::time::Instant,
+    ) -> (CommitReq, oneshot::Receiver<Result<(), EngineError>>) {
+        let (reply, rx) = oneshot::channel();
+        let mut encoded = Vec::new();
+        record.encode(&mut encoded);
+        let quoted = protocol::token::quoted_body_len(&encoded);
+        let req = CommitReq {
+            record,
+            encoded,
+            quoted,
+            deadline,
+            reply: Some(reply),
+            alone: false,
+        };
+        (req, rx)
+    }
+
+    fn ts(&self) -> Option<u64> {
+        match self.record {
+            Record::Commit { ts, .. } => Some(ts),
+            Record::Epoch(_) => None,
+        }
+    }
+
+    fn answer(&mut self, result: Result<(), EngineError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
 }
 
 /// The checkpoint's content: the newest version of every live key as of a log index.
@@ -187,7 +253,9 @@ impl Engine {
     /// Creates the engine and starts recovery and the committer in the background; data
     /// commands answer `ERR UNAVAILABLE` until recovery is done.
     pub fn start(cfg: Config) -> Arc<Engine> {
-        let (tx, rx) = mpsc::channel(64 * 1024);
+        // Small: the committer moves what arrives into its own queue at once (where deadlines
+        // are kept); this only has to cover the moments it is busy applying.
+        let (tx, rx) = mpsc::channel(4096);
         let engine = Arc::new(Engine {
             store: RwLock::new(Store::new()),
             txns: Mutex::new(TxnState {
@@ -506,22 +574,26 @@ impl Engine {
             Ok(ts) => ts,
             Err(key) => return Ok(Submitted::Conflict(key)),
         };
-        let (reply, rx) = oneshot::channel();
         let record = Record::Commit {
             ts,
             epoch: self.epoch.load(Ordering::SeqCst),
             writes,
         };
-        if self
-            .committer
-            .send(CommitReq { record, reply })
-            .await
-            .is_err()
-        {
-            self.resolve(&[ts]);
-            return Err(EngineError::Unavailable("committer stopped".into()));
+        let deadline = tokio::time::Instant::now() + self.cfg.commit_timeout;
+        let (req, rx) = CommitReq::new(record, deadline);
+        // The committer's queue is bounded; when it is full (the log has been down for a while)
+        // this waits, but not past the commit's deadline. Nothing was queued then.
+        match tokio::time::timeout_at(deadline, self.committer.send(req)).await {
+            Ok(Ok(())) => Ok(Submitted::Queued(ts, rx)),
+            Ok(Err(_)) => {
+                self.resolve(&[ts]);
+                Err(EngineError::Unavailable("committer stopped".into()))
+            }
+            Err(_) => {
+                self.resolve(&[ts]);
+                Err(not_made(self.cfg.commit_timeout))
+            }
         }
-        Ok(Submitted::Queued(ts, rx))
     }
 
     /// Removes commits from the in-flight set and wakes waiting snapshots.
@@ -615,6 +687,17 @@ impl Engine {
 
     /// Loads the checkpoint, replays the log, fences older kvstores, then serves.
     async fn recover(&self, log: &mut LogClient) -> Result<(), String> {
+        // A failed attempt is retried from scratch with an empty store: what it counted goes.
+        self.commits.store(0, Ordering::Relaxed);
+        self.commits_since_checkpoint.store(0, Ordering::Relaxed);
+        self.bytes_since_checkpoint.store(0, Ordering::Relaxed);
+        // The epoch must come from the sequencer now, not from a block fetched before an
+        // earlier attempt: it orders kvstores by start, and a stale one would lose to (or be
+        // refused behind) every kvstore started meanwhile, attempt after attempt.
+        {
+            let mut t = lock(&self.txns);
+            t.end = t.next;
+        }
         self.refill().await.map_err(|e| e.to_string())?;
         let my_epoch = lock(&self.txns).next;
         // The epoch is a timestamp: it orders kvstores by start.
@@ -885,6 +968,10 @@ const MAX_INFLIGHT_BATCHES: usize = 8;
 /// With appends in flight and no reply for this long, the committer tries another replica: a
 /// log leader cut off from its majority keeps appends without ever answering them.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Commits the committer holds that are not sent yet, at most (by count and by encoded bytes);
+/// past either it stops taking from its channel, and `submit` waits (up to the deadline).
+const QUEUE_COMMITS: usize = 64 * 1024;
+const QUEUE_BYTES: usize = 64 << 20;
 
 /// One log entry on its way: its APPEND line (which carries its `(client, seq)`) and who waits
 /// for it.
@@ -894,6 +981,8 @@ struct Batch {
     tss: Vec<u64>,
     /// Payload bytes (the records, before quoting), for the checkpoint trigger.
     bytes: usize,
+    /// `reqs[..answered]` timed out and were answered already (deadlines are in queue order).
+    answered: usize,
 }
 
 /// The committer's pipelined connection to the log leader.
@@ -915,7 +1004,7 @@ impl Leader {
         for b in inflight {
             c.send(&b.line);
         }
-        if c.flush().await.is_err() {
+        if !flushed(&mut c).await {
             self.replicas.rotate();
             return false;
         }
@@ -934,6 +1023,16 @@ impl Leader {
     }
 }
 
+/// Flushes what was sent to the log, giving up after [`APPEND_TIMEOUT`]: a replica that is
+/// stopped (not dead) stops reading, and a flush into its full socket buffer would hold the
+/// committer, and every commit deadline, for as long as it stays stopped.
+async fn flushed(c: &mut Client) -> bool {
+    matches!(
+        tokio::time::timeout(APPEND_TIMEOUT, c.flush()).await,
+        Ok(Ok(()))
+    )
+}
+
 async fn next_reply(leader: &mut Leader) -> Result<Response, ClientError> {
     match leader.conn.as_mut() {
         Some(c) => c.recv().await,
@@ -941,11 +1040,31 @@ async fn next_reply(leader: &mut Leader) -> Result<Response, ClientError> {
     }
 }
 
-/// Group commit with pipelining: everything queued becomes one log entry, up to
-/// [`MAX_INFLIGHT_BATCHES`] entries are in flight on one connection, and their replies come
-/// back in log order, so batches are applied in log order. If the connection fails or the
-/// leader changes, every unacknowledged batch is sent again with its `(client, seq)`: the log's
-/// dedupe returns the original index for those that did commit.
+/// The answer to a commit whose entry was sent but is not known to be in the log by its
+/// deadline: it may still land (and then it is applied, unacknowledged).
+fn outcome_unknown(timeout: Duration) -> EngineError {
+    EngineError::Unavailable(format!(
+        "commit outcome unknown: the log did not make it durable within {} s (--commit-timeout-secs); it may still be applied, read it back to find out",
+        timeout.as_secs()
+    ))
+}
+
+/// The answer to a commit that never reached the log (it waited in the queue past its
+/// deadline and was dropped): it did not happen.
+fn not_made(timeout: Duration) -> EngineError {
+    EngineError::Unavailable(format!(
+        "commit not made: the log took no commit for {} s (--commit-timeout-secs); retry",
+        timeout.as_secs()
+    ))
+}
+
+/// Group commit with pipelining: everything queued becomes one log entry (up to
+/// [`BATCH_BYTES`] of `APPEND` line), up to [`MAX_INFLIGHT_BATCHES`] entries are in flight on
+/// one connection, and their replies come back in log order, so batches are applied in log
+/// order. If the connection fails or the leader changes, every unacknowledged batch is sent
+/// again with its `(client, seq)`: the log's dedupe returns the original index for those that
+/// did commit. A refusal is not retried (see [`reject_batch`]); deadlines are kept by
+/// [`expire`], at the top of every turn.
 async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut log: LogClient) {
     let epoch = e.epoch.load(Ordering::SeqCst);
     let mut out = Outbox {
@@ -954,6 +1073,9 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
             conn: None,
         },
         inflight: VecDeque::new(),
+        queue: VecDeque::new(),
+        queued_bytes: 0,
+        unsettled: Vec::new(),
         client: Bytes::from(format!("kv-{epoch}")),
         seq: 0,
     };
@@ -964,8 +1086,25 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
     // When the oldest append in flight was (re)sent or last made progress.
     let mut progress = tokio::time::Instant::now();
     loop {
-        if closed && out.inflight.is_empty() {
+        let (next_deadline, dropped) =
+            expire(&mut out, tokio::time::Instant::now(), e.cfg.commit_timeout);
+        if !dropped.is_empty() {
+            tracing::warn!(
+                "dropped {} commits that waited {:?} for the log",
+                dropped.len(),
+                e.cfg.commit_timeout
+            );
+            e.resolve(&dropped);
+        }
+        if closed && out.inflight.is_empty() && out.queue.is_empty() {
             return;
+        }
+        while !closed && out.has_room() {
+            match rx.try_recv() {
+                Ok(req) => out.push(req),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => closed = true,
+            }
         }
         if out.leader.conn.is_none() && !out.inflight.is_empty() {
             if !out.leader.reconnect(&out.inflight).await {
@@ -974,9 +1113,18 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
             }
             progress = tokio::time::Instant::now();
         }
-        let can_take = !closed
+        let can_send = !out.queue.is_empty()
             && (out.inflight.is_empty()
                 || (last_full && out.inflight.len() < MAX_INFLIGHT_BATCHES));
+        if can_send {
+            if out.inflight.is_empty() {
+                // The clock for APPEND_TIMEOUT starts now, not when the committer went idle:
+                // the first commit after a quiet second must not look like a dead leader.
+                progress = tokio::time::Instant::now();
+            }
+            last_full = send_batch(&e, &mut out).await;
+            continue;
+        }
         tokio::select! {
             biased;
             reply = next_reply(&mut out.leader), if !out.inflight.is_empty() => match reply {
@@ -987,13 +1135,30 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                             if let Some(batch) = out.inflight.pop_front() {
                                 // Send what queued meanwhile first, so the log works on the
                                 // next entry while this one is applied and answered.
-                                if out.inflight.is_empty() && !closed {
-                                    if let Ok(first) = rx.try_recv() {
-                                        last_full = send_batch(&e, first, &mut rx, &mut out).await;
+                                if out.inflight.is_empty() {
+                                    while !closed && out.has_room() {
+                                        let Ok(req) = rx.try_recv() else { break };
+                                        out.push(req);
+                                    }
+                                    if !out.queue.is_empty() {
+                                        last_full = send_batch(&e, &mut out).await;
                                     }
                                 }
-                                finish_batch(&e, batch, index, &mut log, epoch, &mut seen_epoch)
-                                    .await;
+                                finish_batch(
+                                    &e,
+                                    batch,
+                                    index,
+                                    &mut log,
+                                    (epoch, &mut seen_epoch),
+                                    &mut out,
+                                )
+                                .await;
+                                // The gap before this entry has been read and applied: an
+                                // entry refused with an unclear error has landed by now or
+                                // never will (see reject_batch).
+                                if !out.unsettled.is_empty() {
+                                    e.resolve(&std::mem::take(&mut out.unsettled));
+                                }
                                 // Applying (a gap read, a checkpoint capture) can take a while;
                                 // what was just sent has been waiting only since now.
                                 progress = tokio::time::Instant::now();
@@ -1006,9 +1171,24 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                     }
                 }
                 Ok(Response::Redirect(addr)) => out.leader.redirect(addr),
-                Ok(other) => {
+                Ok(Response::Err(err)) if err.code == ErrorCode::Unavailable => {
                     // No leader yet, no quorum: the outcome is unknown, so retry (exactly-once).
-                    tracing::warn!("log append not taken, retrying: {other:?}");
+                    tracing::warn!("log append not taken, retrying: {err}");
+                    out.leader.rotate();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Response::Err(err)) => {
+                    // Replies come in the order the lines were sent: this one is the oldest
+                    // batch's, and the connection stays in step for the rest.
+                    progress = tokio::time::Instant::now();
+                    if let Some(batch) = out.inflight.pop_front() {
+                        reject_batch(&e, batch, err, &mut out);
+                    }
+                }
+                Ok(other) => {
+                    // Not an answer to APPEND: out of step with the replica, so start over on a
+                    // new connection (the resends are exactly-once).
+                    tracing::warn!("log answered APPEND with {other:?}; resending");
                     out.leader.rotate();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -1025,98 +1205,260 @@ async fn committer_loop(e: Arc<Engine>, mut rx: mpsc::Receiver<CommitReq>, mut l
                 );
                 out.leader.rotate();
             }
-            req = rx.recv(), if can_take => {
-                let Some(first) = req else {
-                    closed = true;
-                    continue;
-                };
-                if out.inflight.is_empty() {
-                    // The clock for APPEND_TIMEOUT starts now, not when the committer went idle:
-                    // the first commit after a quiet second must not look like a dead leader.
-                    progress = tokio::time::Instant::now();
-                }
-                last_full = send_batch(&e, first, &mut rx, &mut out).await;
-            }
+            _ = sleep_until_some(next_deadline), if next_deadline.is_some() => {}
+            req = rx.recv(), if !closed && out.has_room() => match req {
+                Some(req) => out.push(req),
+                None => closed = true,
+            },
         }
     }
 }
 
-/// The committer's side of the log connection: what is in flight, and the `(client, seq)` the
-/// next entry gets.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers every commit past its deadline; returns the next deadline and the timestamps of the
+/// commits dropped (the caller resolves them). A commit in an entry already sent gets "outcome
+/// unknown" and its entry stays in flight; one still queued is dropped, since it never reached
+/// the log, and gets "not made".
+fn expire(
+    out: &mut Outbox,
+    now: tokio::time::Instant,
+    timeout: Duration,
+) -> (Option<tokio::time::Instant>, Vec<u64>) {
+    let mut next: Option<tokio::time::Instant> = None;
+    for b in out.inflight.iter_mut() {
+        if let Some(d) = expire_sent(b, now, timeout) {
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
+    }
+    let mut dropped = Vec::new();
+    while let Some(r) = out.queue.front() {
+        if r.deadline > now {
+            next = Some(next.map_or(r.deadline, |n| n.min(r.deadline)));
+            break;
+        }
+        if let Some(mut r) = out.queue.pop_front() {
+            out.queued_bytes = out.queued_bytes.saturating_sub(r.encoded.len());
+            dropped.extend(r.ts());
+            r.answer(Err(not_made(timeout)));
+        }
+    }
+    (next, dropped)
+}
+
+/// Answers the commits of a sent entry that are past their deadline ("outcome unknown"; the
+/// entry stays in flight); returns the next deadline among the rest.
+fn expire_sent(
+    b: &mut Batch,
+    now: tokio::time::Instant,
+    timeout: Duration,
+) -> Option<tokio::time::Instant> {
+    while let Some(r) = b.reqs.get_mut(b.answered) {
+        if r.deadline > now {
+            return Some(r.deadline);
+        }
+        r.answer(Err(outcome_unknown(timeout)));
+        b.answered += 1;
+    }
+    None
+}
+
+/// The log refused the oldest batch's `APPEND` with `err`: fail its commits without retrying
+/// (a refusal is deterministic; the same line would be refused again) and go on. The log
+/// assigns an index only to appends it takes, so the seq left unused breaks nothing.
+fn reject_batch(e: &Engine, mut batch: Batch, err: protocol::ServerError, out: &mut Outbox) {
+    if err.code == ErrorCode::TooLarge && batch.reqs.len() > 1 {
+        // Several commits together were over the log's limit (which the kvstore does not know;
+        // it is set on the logserver). The entry was discarded unread, so nothing of it is in
+        // the log: its commits go again, each in an entry of its own, ahead of everything
+        // queued, and stay in flight meanwhile. The refused line itself is never resent.
+        // Entries sent behind it may land first; their commits have later timestamps, and the
+        // store orders versions by timestamp, while snapshots wait for these in flight.
+        tracing::warn!(
+            "log refused an entry of {} commits ({} bytes as an APPEND line) as too large; sending them one by one",
+            batch.reqs.len(),
+            batch.line.len()
+        );
+        for mut r in batch.reqs.into_iter().rev() {
+            r.alone = true;
+            out.queued_bytes = out.queued_bytes.saturating_add(r.encoded.len());
+            out.queue.push_front(r);
+        }
+        return;
+    }
+    tracing::error!(
+        "log refused an entry of {} commits ({} bytes as an APPEND line): {err}; they fail, the next entries go on",
+        batch.reqs.len(),
+        batch.line.len()
+    );
+    let refused_before_appending = matches!(
+        err.code,
+        ErrorCode::TooLarge | ErrorCode::Syntax | ErrorCode::UnknownCommand | ErrorCode::Rejected
+    );
+    for r in batch.reqs.iter_mut() {
+        r.answer(Err(match err.code {
+            ErrorCode::TooLarge => EngineError::TooLarge(format!(
+                "the commit's log entry is {} bytes as an APPEND line, over the log's line limit (logserver --max-line); not committed",
+                batch.line.len()
+            )),
+            _ => EngineError::Unavailable(format!(
+                "commit outcome unknown: the log refused its entry: {err}"
+            )),
+        }));
+    }
+    if refused_before_appending {
+        // Refused when parsed or applied: these never get an index.
+        e.resolve(&batch.tss);
+    } else {
+        // Unclear whether it was appended: if it was, it is before the next entry that lands
+        // and is read back with the gap then. Its commits stay in flight until that point, so
+        // no snapshot reads past them meanwhile.
+        out.unsettled.extend_from_slice(&batch.tss);
+    }
+}
+
+/// The committer's side of the log connection: what is in flight, what is queued, and the
+/// `(client, seq)` the next entry gets.
 struct Outbox {
     leader: Leader,
     inflight: VecDeque<Batch>,
+    /// Commits taken from the channel, not sent yet (in submit order, so deadline order).
+    queue: VecDeque<CommitReq>,
+    /// Encoded bytes of `queue`.
+    queued_bytes: usize,
+    /// Timestamps of refused entries that may have been appended all the same (see
+    /// [`reject_batch`]), resolved once a later entry lands.
+    unsettled: Vec<u64>,
     client: Bytes,
     seq: u64,
 }
 
-/// Makes `first` and whatever else is queued (up to `BATCH_BYTES`) one log entry and sends it;
-/// returns whether it was full. A fenced kvstore answers them `ERR FENCED` instead.
-async fn send_batch(
-    e: &Engine,
-    first: CommitReq,
-    rx: &mut mpsc::Receiver<CommitReq>,
-    out: &mut Outbox,
-) -> bool {
-    let mut reqs = vec![first];
-    let mut payload = Vec::new();
-    reqs[0].record.encode(&mut payload);
-    while payload.len() < BATCH_BYTES {
-        match rx.try_recv() {
-            Ok(req) => {
-                payload.push(b'\n');
-                req.record.encode(&mut payload);
-                reqs.push(req);
-            }
-            Err(_) => break,
+impl Outbox {
+    fn has_room(&self) -> bool {
+        self.queue.len() < QUEUE_COMMITS && self.queued_bytes < QUEUE_BYTES
+    }
+
+    fn push(&mut self, req: CommitReq) {
+        self.queued_bytes = self.queued_bytes.saturating_add(req.encoded.len());
+        self.queue.push_back(req);
+    }
+}
+
+/// One log entry built from the front of the queue: the `APPEND` line and the commits in it.
+struct Built {
+    line: Vec<u8>,
+    reqs: Vec<CommitReq>,
+    /// Payload bytes (records and their newlines, before the `APPEND` quoting).
+    bytes: usize,
+    /// Whether commits were left queued because the entry was full.
+    full: bool,
+}
+
+/// The length of `APPEND <client> <seq> "` and the closing `"`: everything but the payload's
+/// quoted body.
+fn append_overhead(client: &[u8], seq: u64) -> usize {
+    let digits = seq.checked_ilog10().map_or(1, |d| d as usize + 1);
+    "APPEND ".len() + protocol::token::encoded_len(client) + 1 + digits + 1 + 2
+}
+
+/// Takes commits from the front of `queue` into one entry: the first always (alone, if it is
+/// large or marked so), the next ones while the `APPEND` line, counted as encoded, stays within
+/// [`BATCH_BYTES`].
+fn build_batch(queue: &mut VecDeque<CommitReq>, client: &Bytes, seq: u64) -> Built {
+    let mut line_len = append_overhead(client, seq);
+    let mut reqs: Vec<CommitReq> = Vec::new();
+    let mut full = false;
+    while let Some(next) = queue.front() {
+        // A newline between records is two bytes once quoted (`\n`).
+        let add = next.quoted + if reqs.is_empty() { 0 } else { 2 };
+        let alone = next.alone || reqs.first().is_some_and(|r| r.alone);
+        if !reqs.is_empty() && (alone || line_len.saturating_add(add) > BATCH_BYTES) {
+            full = true;
+            break;
+        }
+        line_len = line_len.saturating_add(add);
+        if let Some(r) = queue.pop_front() {
+            reqs.push(r);
         }
     }
-    let full = payload.len() >= BATCH_BYTES;
+    let mut payload = Vec::with_capacity(reqs.iter().map(|r| r.encoded.len() + 1).sum());
+    for (i, r) in reqs.iter().enumerate() {
+        if i > 0 {
+            payload.push(b'\n');
+        }
+        payload.extend_from_slice(&r.encoded);
+    }
     let bytes = payload.len();
-    let tss: Vec<u64> = reqs
-        .iter()
-        .filter_map(|r| match r.record {
-            Record::Commit { ts, .. } => Some(ts),
-            Record::Epoch(_) => None,
-        })
-        .collect();
-    if let Mode::Fenced(by) = e.mode() {
-        e.resolve(&tss);
-        for r in reqs {
-            let _ = r.reply.send(Err(EngineError::Fenced(by)));
-        }
-        return full;
-    }
-    out.seq += 1;
     let line = LogRequest::Append {
-        client: out.client.clone(),
-        seq: out.seq,
+        client: client.clone(),
+        seq,
         payload: Bytes::from(payload),
     }
     .encode();
+    debug_assert_eq!(
+        line.len(),
+        line_len,
+        "APPEND line sized before it was built"
+    );
+    Built {
+        line,
+        reqs,
+        bytes,
+        full: full || line_len >= BATCH_BYTES,
+    }
+}
+
+/// Makes the front of the queue one log entry and sends it; returns whether it was full. A
+/// fenced kvstore answers them `ERR FENCED` instead.
+async fn send_batch(e: &Engine, out: &mut Outbox) -> bool {
+    if let Mode::Fenced(by) = e.mode() {
+        let reqs: Vec<CommitReq> = out.queue.drain(..).collect();
+        out.queued_bytes = 0;
+        let tss: Vec<u64> = reqs.iter().filter_map(CommitReq::ts).collect();
+        e.resolve(&tss);
+        for mut r in reqs {
+            r.answer(Err(EngineError::Fenced(by)));
+        }
+        return false;
+    }
+    let seq = out.seq + 1;
+    let built = build_batch(&mut out.queue, &out.client, seq);
+    if built.reqs.is_empty() {
+        return false;
+    }
+    out.seq = seq;
+    let sent: usize = built.reqs.iter().map(|r| r.encoded.len()).sum();
+    out.queued_bytes = out.queued_bytes.saturating_sub(sent);
+    let tss: Vec<u64> = built.reqs.iter().filter_map(CommitReq::ts).collect();
     if let Some(c) = out.leader.conn.as_mut() {
-        c.send(&line);
-        if c.flush().await.is_err() {
+        c.send(&built.line);
+        if !flushed(c).await {
             out.leader.rotate();
         }
     }
     out.inflight.push_back(Batch {
-        line,
-        reqs,
+        line: built.line,
+        reqs: built.reqs,
         tss,
-        bytes,
+        bytes: built.bytes,
+        answered: 0,
     });
-    full
+    built.full
 }
 
 /// A batch is in the log at `index`: check no newer kvstore got in first, apply, answer.
 async fn finish_batch(
     e: &Arc<Engine>,
-    batch: Batch,
+    mut batch: Batch,
     index: u64,
     log: &mut LogClient,
-    epoch: u64,
-    seen_epoch: &mut u64,
+    (epoch, seen_epoch): (u64, &mut u64),
+    out: &mut Outbox,
 ) {
     let expected = e.applied_index.load(Ordering::SeqCst) + 1;
     if let (true, Mode::Fenced(by)) = (index > expected, e.mode()) {
@@ -1141,6 +1483,14 @@ async fn finish_batch(
                     );
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(1));
+                    // The log may be down for long: commits still get their answer in time.
+                    let now = tokio::time::Instant::now();
+                    let timeout = e.cfg.commit_timeout;
+                    expire_sent(&mut batch, now, timeout);
+                    let (_, dropped) = expire(out, now, timeout);
+                    if !dropped.is_empty() {
+                        e.resolve(&dropped);
+                    }
                     if let Mode::Fenced(by) = e.mode() {
                         *seen_epoch = (*seen_epoch).max(by);
                         break;
@@ -1158,8 +1508,8 @@ async fn finish_batch(
         tracing::error!("fenced: kvstore epoch {seen_epoch} took over the log");
         e.fence(*seen_epoch);
         e.resolve(&batch.tss);
-        for r in batch.reqs {
-            let _ = r.reply.send(Err(EngineError::Fenced(*seen_epoch)));
+        for mut r in batch.reqs {
+            r.answer(Err(EngineError::Fenced(*seen_epoch)));
         }
         return;
     }
@@ -1169,8 +1519,9 @@ async fn finish_batch(
         // twice would duplicate versions.
         tracing::error!("log entry {index} came back after {expected} was expected; not reapplied");
         e.resolve(&batch.tss);
-        for r in batch.reqs {
-            let _ = r.reply.send(Ok(()));
+        for mut r in batch.reqs {
+            // Those that timed out were answered already and are not answered again.
+            r.answer(Ok(()));
         }
         return;
     }
@@ -1186,8 +1537,9 @@ async fn finish_batch(
     e.applied_index.store(index, Ordering::SeqCst);
     e.commits.fetch_add(applied, Ordering::Relaxed);
     e.resolve(&batch.tss);
-    for r in batch.reqs {
-        let _ = r.reply.send(Ok(()));
+    for mut r in batch.reqs {
+        // Those that timed out were answered already: never `COMMITTED` after that.
+        r.answer(Ok(()));
     }
     let since = e
         .commits_since_checkpoint
@@ -1368,7 +1720,159 @@ mod tests {
             checkpoint_bytes: 1_000_000,
             checkpoint_ratio: ratio,
             follow_log: false,
+            commit_timeout: Duration::from_secs(10),
         }
+    }
+
+    fn commit_req(
+        ts: u64,
+        writes: Vec<(Bytes, Option<Bytes>)>,
+        deadline: tokio::time::Instant,
+    ) -> (CommitReq, oneshot::Receiver<Result<(), EngineError>>) {
+        CommitReq::new(
+            Record::Commit {
+                ts,
+                epoch: ts,
+                writes,
+            },
+            deadline,
+        )
+    }
+
+    fn outbox() -> Outbox {
+        Outbox {
+            leader: Leader {
+                replicas: Replicas::new(Vec::new()),
+                conn: None,
+            },
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            unsettled: Vec::new(),
+            client: Bytes::from(format!("kv-{}", u64::MAX)),
+            seq: 0,
+        }
+    }
+
+    #[test]
+    fn the_worst_case_transaction_fits_one_append_under_the_logs_default_line_limit() {
+        // 1 MiB of writes (--max-txn-bytes' default), every byte one that is quoted as \xHH,
+        // with a key of the largest size, and the longest timestamps, client and seq.
+        let max_txn_bytes = 1 << 20;
+        let key = Bytes::from(vec![0xffu8; protocol::cmd::MAX_KEY_LEN]);
+        let value = Bytes::from(vec![0xffu8; max_txn_bytes - key.len()]);
+        let (req, _rx) = commit_req(
+            u64::MAX,
+            vec![(key, Some(value))],
+            tokio::time::Instant::now(),
+        );
+        let mut queue = VecDeque::from([req]);
+        let built = build_batch(&mut queue, &outbox().client, u64::MAX);
+        assert_eq!(built.reqs.len(), 1);
+        // This is the line the committer sends, byte for byte.
+        let parsed = LogRequest::parse(&built.line);
+        assert!(matches!(parsed, Ok(Some(LogRequest::Append { .. }))));
+        assert!(
+            built.line.len() < protocol::log::LOG_MAX_LINE,
+            "APPEND line of {} bytes is over the log's default --max-line {}",
+            built.line.len(),
+            protocol::log::LOG_MAX_LINE
+        );
+        // About 5x the raw bytes (\xff in the record, \\xff in the APPEND line).
+        assert!(built.line.len() > 5 * max_txn_bytes);
+    }
+
+    #[test]
+    fn commits_share_an_entry_only_up_to_the_batch_limit_counted_as_encoded() {
+        let now = tokio::time::Instant::now();
+        let mut queue = VecDeque::new();
+        let mut keep = Vec::new();
+        // Small commits whose raw size is far below BATCH_BYTES but whose quoted size is not.
+        for ts in 1..=40u64 {
+            let v = Bytes::from(vec![0x01u8; 8 * 1024]);
+            let (r, rx) = commit_req(ts, vec![(Bytes::from_static(b"k"), Some(v))], now);
+            queue.push_back(r);
+            keep.push(rx);
+        }
+        let big = Bytes::from(vec![b'"'; BATCH_BYTES]);
+        let (r, rx) = commit_req(41, vec![(Bytes::from_static(b"big"), Some(big))], now);
+        queue.push_back(r);
+        keep.push(rx);
+        let client = outbox().client;
+        let mut seq = 0;
+        let mut batches = Vec::new();
+        while !queue.is_empty() {
+            seq += 1;
+            batches.push(build_batch(&mut queue, &client, seq));
+        }
+        let sizes: Vec<usize> = batches.iter().map(|b| b.reqs.len()).collect();
+        // 40 x 8 KiB raw is 320 KiB, but 8 KiB of \x01 is 40 KiB in the APPEND line.
+        assert!(sizes.len() >= 3, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 41);
+        for b in &batches[..batches.len() - 1] {
+            assert!(b.line.len() <= BATCH_BYTES, "{}", b.line.len());
+            assert!(b.full);
+        }
+        // The large one goes alone, and last, in order.
+        let last = batches.last().map(|b| (b.reqs.len(), b.reqs[0].ts()));
+        assert_eq!(last, Some((1, Some(41))));
+        let order: Vec<u64> = batches
+            .iter()
+            .flat_map(|b| b.reqs.iter().filter_map(CommitReq::ts))
+            .collect();
+        assert_eq!(order, (1..=41).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_timed_out_commit_is_answered_once_and_never_acknowledged_later() {
+        let t0 = tokio::time::Instant::now();
+        let timeout = Duration::from_secs(10);
+        let mut out = outbox();
+        let (sent, mut sent_rx) = commit_req(1, vec![(Bytes::from_static(b"a"), None)], t0);
+        let (queued, mut queued_rx) = commit_req(
+            2,
+            vec![(Bytes::from_static(b"b"), None)],
+            t0 + Duration::from_secs(1),
+        );
+        let (fresh, mut fresh_rx) = commit_req(
+            3,
+            vec![(Bytes::from_static(b"c"), None)],
+            t0 + Duration::from_secs(30),
+        );
+        out.push(sent);
+        let built = build_batch(&mut out.queue, &out.client, 1);
+        out.inflight.push_back(Batch {
+            line: built.line,
+            tss: vec![1],
+            reqs: built.reqs,
+            bytes: built.bytes,
+            answered: 0,
+        });
+        out.push(queued);
+        out.push(fresh);
+
+        let (next, dropped) = expire(&mut out, t0 + Duration::from_secs(2), timeout);
+        assert_eq!(next, Some(t0 + Duration::from_secs(30)));
+        // The queued one never reached the log: dropped, and said so.
+        assert_eq!(dropped, vec![2]);
+        assert_eq!(out.queue.len(), 1);
+        let msg = |r: Result<Result<(), EngineError>, _>| match r {
+            Ok(Err(EngineError::Unavailable(m))) => m,
+            other => panic!("{other:?}"),
+        };
+        assert!(msg(queued_rx.try_recv()).starts_with("commit not made"));
+        // The sent one: outcome unknown, and its entry stays in flight to be settled.
+        assert!(msg(sent_rx.try_recv()).starts_with("commit outcome unknown"));
+        assert_eq!(out.inflight.len(), 1);
+        assert!(fresh_rx.try_recv().is_err());
+
+        // The entry lands after all: answering it again sends nothing.
+        if let Some(b) = out.inflight.pop_front() {
+            for mut r in b.reqs {
+                r.answer(Ok(()));
+            }
+        }
+        assert!(sent_rx.try_recv().is_err());
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! Invariants:
 //! - A transaction's buffered writes never exceed `max_txn_bytes`, counted as the sum over its
-//!   write set of key length + value length (a `DEL` counts its key; a key written twice counts
-//!   once, at its last value). The committer relies on it: with [`DEFAULT_MAX_TXN_BYTES`] and
+//!   write set of key length + value length + [`WRITE_OVERHEAD`] (a `DEL` counts its key; a key
+//!   written twice counts once, at its last value). The committer relies on it: with [`DEFAULT_MAX_TXN_BYTES`] and
 //!   the line limit, any accepted transaction fits in one log entry, quoting included.
 //! - The bytes reserved in the [`Budget`] are exactly the sum of the live [`Reservation`]s:
 //!   a reservation gives its bytes back when dropped, however its transaction ended.
@@ -16,6 +16,13 @@ use std::time::Duration;
 /// Default `--max-txn-bytes`: 1 MiB of keys and values per transaction (shared decision of
 /// issue #18: the worst-case log record is about 4x this, quoted, and its `APPEND` line 5x).
 pub const DEFAULT_MAX_TXN_BYTES: usize = 1 << 20;
+
+/// What each write counts against `--max-txn-bytes` besides its key and value. In the `APPEND`
+/// line a write costs at most 5 × (key + value) plus about 14 bytes of ` PUT `, quotes and
+/// separators (each quoted twice); counting 16 more per write keeps the whole line within
+/// 5 × the limit plus the entry's header, even for a transaction of many empty writes
+/// (349,525 three-byte binary keys would otherwise make a 9.4 MiB line from 1 MiB).
+pub const WRITE_OVERHEAD: usize = 16;
 
 /// Default `--max-buffered-mib`: all sessions' open transactions together buffer at most this.
 pub const DEFAULT_MAX_BUFFERED_MIB: usize = 256;

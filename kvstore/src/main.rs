@@ -45,7 +45,7 @@ struct Args {
     /// reader ends with an `ERR` line then.
     #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_SNAPSHOT_AGE_SECS)]
     max_snapshot_age_secs: u64,
-    /// Largest write set of one transaction, in bytes of keys plus values (a DEL counts its
+    /// Largest write set of one transaction, in bytes of keys plus values plus 16 per write (a DEL counts its
     /// key): a PUT/DEL past it answers ERR TOO_LARGE (and aborts the transaction).
     #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_TXN_BYTES)]
     max_txn_bytes: usize,
@@ -54,6 +54,10 @@ struct Args {
     /// transaction. At least --max-txn-bytes.
     #[arg(long, default_value_t = kvstore::limits::DEFAULT_MAX_BUFFERED_MIB)]
     max_buffered_mib: usize,
+    /// A commit not durable in the log within this many seconds (no log majority, full
+    /// disks) is answered `ERR UNAVAILABLE commit outcome unknown: ...` instead of waiting on.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    commit_timeout_secs: u64,
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
@@ -100,6 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         checkpoint_bytes: args.checkpoint_mib.max(1) << 20,
         checkpoint_ratio: args.checkpoint_ratio,
         follow_log: !args.no_tail,
+        commit_timeout: Duration::from_secs(args.commit_timeout_secs),
     });
     tracing::info!(
         "kvstore listening on {}; sequencer {}, log {}",

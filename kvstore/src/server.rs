@@ -94,12 +94,17 @@ fn engine_err(e: EngineError) -> Response {
     match e {
         EngineError::Unavailable(m) => Response::err(ErrorCode::Unavailable, m),
         e @ EngineError::Fenced(_) => Response::err(ErrorCode::Fenced, e.to_string()),
+        EngineError::TooLarge(m) => Response::err(ErrorCode::TooLarge, m),
     }
 }
 
-/// Bytes a write counts against `--max-txn-bytes`: its key plus its value.
+/// Bytes a write counts against `--max-txn-bytes`: its key plus its value plus
+/// [`crate::limits::WRITE_OVERHEAD`], so that many tiny writes cannot make a log entry that
+/// quoting blows past the log's line limit.
 fn write_size(key: &[u8], value: Option<&Bytes>) -> usize {
-    key.len().saturating_add(value.map_or(0, Bytes::len))
+    key.len()
+        .saturating_add(value.map_or(0, Bytes::len))
+        .saturating_add(crate::limits::WRITE_OVERHEAD)
 }
 
 /// Ends an autocommit read's snapshot however the read ends (an error, a dropped connection).
@@ -186,6 +191,7 @@ impl Session {
             Ok(()) => {}
             Err(e @ EngineError::Fenced(_)) => self.abort_txn("FENCED", e.to_string()),
             Err(EngineError::Unavailable(m)) => self.abort_txn("UNAVAILABLE", m),
+            Err(EngineError::TooLarge(m)) => self.abort_txn("TOO_LARGE", m),
         }
     }
 
@@ -283,6 +289,10 @@ impl Session {
             Ok(Outcome::Committed(ts)) => Response::Committed(ts),
             Ok(Outcome::Conflict(key)) => {
                 Response::Aborted(vec![Bytes::from_static(b"CONFLICT"), key])
+            }
+            // The log refused the entry: certainly not committed.
+            Err(EngineError::TooLarge(_)) => {
+                Response::Aborted(vec![Bytes::from_static(b"TOO_LARGE")])
             }
             Err(e) => engine_err(e),
         }

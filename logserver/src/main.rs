@@ -50,8 +50,10 @@ struct Args {
     /// Batches of writes in flight at once (group commit).
     #[arg(long, default_value_t = 4)]
     max_inflight: usize,
-    /// Longest request line accepted, in bytes.
-    #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
+    /// Longest request line accepted, in bytes. The default (8 MiB) holds the `APPEND` of any
+    /// transaction the kvstore accepts by default; a smaller limit makes the log refuse large
+    /// commits (the kvstore answers them `ABORTED TOO_LARGE`).
+    #[arg(long, default_value_t = protocol::log::LOG_MAX_LINE)]
     max_line: usize,
     /// Testing hook: `id=addr,...` dials `addr` for Raft traffic to peer `id` instead of the
     /// address in the membership (the fault-injection tests route each link through a proxy).

@@ -554,4 +554,30 @@ mod tests {
         assert_eq!(back.data, data);
         assert_eq!(back.meta.snapshot_id, "T1-N1-42-0");
     }
+
+    fn append(d: &mut SmData, seq: u64, payload: &'static [u8]) -> OpResult {
+        apply_op(
+            d,
+            Op::Append {
+                client: Bytes::from_static(b"kv-1"),
+                seq,
+                payload: Bytes::from_static(payload),
+            },
+        )
+    }
+
+    #[test]
+    fn a_seq_left_unused_does_not_disturb_the_next_appends() {
+        // The kvstore skips the seq of an APPEND the log refused (too large, say): seqs are
+        // remembered as a set, not as a counter that must advance by one.
+        let mut d = SmData::default();
+        assert!(matches!(append(&mut d, 1, b"a"), OpResult::Appended(1)));
+        assert!(matches!(append(&mut d, 3, b"c"), OpResult::Appended(2)));
+        assert!(matches!(append(&mut d, 4, b"d"), OpResult::Appended(3)));
+        // Retries still answer the original index; the skipped seq was never taken.
+        assert!(matches!(append(&mut d, 3, b"c"), OpResult::Duplicate(2)));
+        assert!(matches!(append(&mut d, 1, b"a"), OpResult::Duplicate(1)));
+        assert_eq!(d.next_index, 4);
+        assert_eq!(d.entries.len(), 3);
+    }
 }

@@ -5,6 +5,13 @@ use bytes::Bytes;
 use crate::cmd::{encode, Cmd};
 use crate::response::{ErrorCode, ServerError};
 
+/// The logserver's default `--max-line`, in bytes: 8 MiB. The kvstore accepts at most 1 MiB of
+/// keys and values per transaction (`--max-txn-bytes`); quoted into a log record that is at most
+/// about 4x (`\xHH` for every byte) and quoted again into the `APPEND` line about 5x, so any
+/// accepted transaction fits one `APPEND` with room to spare (a kvstore test encodes the worst
+/// case). The kvstore's committer also packs commits into one entry only up to a fraction of it.
+pub const LOG_MAX_LINE: usize = 8 * 1024 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Append `payload` exactly once per `(client, seq)`; answers `OK <index>` once committed.

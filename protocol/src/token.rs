@@ -185,6 +185,33 @@ pub fn write_arg(out: &mut Vec<u8>, arg: &[u8]) {
     out.push(b'"');
 }
 
+/// The length of what [`write_arg`] writes for `arg`, without writing it.
+pub fn encoded_len(arg: &[u8]) -> usize {
+    if is_bare(arg) {
+        arg.len()
+    } else {
+        quoted_body_len(arg) + 2
+    }
+}
+
+/// The length of `arg` quoted, without the two quote marks. For pieces that are each valid
+/// UTF-8 it adds up: the body of their concatenation is the sum of their bodies (the kvstore
+/// sizes a log entry's `APPEND` line from its records this way, before building it).
+pub fn quoted_body_len(arg: &[u8]) -> usize {
+    let mut n = 0;
+    for chunk in arg.utf8_chunks() {
+        for &b in chunk.valid().as_bytes() {
+            n += match b {
+                b'\\' | b'"' | b'\n' | b'\r' | b'\t' => 2,
+                b if b < 0x20 || b == 0x7f => 4,
+                _ => 1,
+            };
+        }
+        n += 4 * chunk.invalid().len();
+    }
+    n
+}
+
 fn push_hex_escape(out: &mut Vec<u8>, b: u8) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.extend_from_slice(&[
@@ -252,6 +279,27 @@ mod tests {
             assert!(split(bad.as_bytes()).is_err(), "{bad:?} should not parse");
         }
         assert!(split(b"a\x01b").is_err());
+    }
+
+    #[test]
+    fn encoded_len_is_what_write_arg_writes() {
+        let cases: [&[u8]; 10] = [
+            b"abc",
+            b"a b",
+            b"",
+            "h\u{e9}llo \u{85}".as_bytes(),
+            &[0xff, b'"', b'\\', 0x01, 0x7f, b'\n', b'\r', b'\t'],
+            &[0xe2, 0x82],
+            &[b'a', 0xe2, 0x82, 0xac, 0xe2, b'b'],
+            b"back\\slash",
+            b"COMMIT 1 2 PUT k \"v w\"",
+            &[0u8; 7],
+        ];
+        for arg in cases {
+            let mut out = Vec::new();
+            write_arg(&mut out, arg);
+            assert_eq!(encoded_len(arg), out.len(), "{arg:?}");
+        }
     }
 
     #[test]
