@@ -223,6 +223,51 @@ async fn a_write_over_max_txn_bytes_is_refused_and_aborts_its_transaction() {
     assert_eq!(c.get("k").await.unwrap().map(|v| v.len()), Some(999));
 }
 
+/// A line over `--max-line` (or a key over its limit) inside a transaction is a refused write
+/// too: it aborts the transaction, so a pipelined COMMIT cannot commit the writes around it.
+/// It once answered ERR TOO_LARGE and then COMMITTED the other writes without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_put_line_in_a_transaction_aborts_it() {
+    let sys = System::start(&["--max-line", "1000"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    for (i, bad) in [
+        format!("PUT lb {}", "x".repeat(1000)),
+        format!("PUT {} 1", "k".repeat(1025)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        c.begin().await.unwrap();
+        for line in ["PUT la 1", bad.as_str(), "PUT lc 3", "COMMIT"] {
+            c.send(line.as_bytes());
+        }
+        c.flush().await.unwrap();
+        assert_eq!(c.recv().await.unwrap(), Response::ok(), "case {i}");
+        assert_err(
+            &c.recv().await.unwrap(),
+            ErrorCode::TooLarge,
+            "the transaction is aborted",
+        );
+        assert_aborted_state(&c.recv().await.unwrap(), "TOO_LARGE");
+        assert_eq!(
+            c.recv().await.unwrap(),
+            Response::Aborted(vec![Bytes::from("TOO_LARGE")]),
+            "case {i}"
+        );
+        for k in ["la", "lb", "lc"] {
+            assert_eq!(c.get(k).await.unwrap(), None, "case {i}: {k} was written");
+        }
+    }
+    // Outside a transaction an over-long line is refused and nothing else changes.
+    let r = c
+        .call(format!("PUT lb {}", "x".repeat(1000)).as_bytes())
+        .await
+        .unwrap();
+    assert_err(&r, ErrorCode::TooLarge, "line exceeds 1000 bytes");
+    c.put("la", "1").await.unwrap();
+    assert_eq!(c.get("la").await.unwrap(), Some(Bytes::from("1")));
+}
+
 /// All sessions' buffered writes share `--max-buffered-mib`; a write past it is refused with
 /// ERR UNAVAILABLE and aborts its transaction, and the budget comes back when a transaction
 /// ends.

@@ -306,6 +306,25 @@ impl Session {
         }
     }
 
+    /// A line refused as too large (over `--max-line`, or a key over its limit) is almost
+    /// surely a `PUT`: inside a transaction it aborts the transaction, as a write over
+    /// `--max-txn-bytes` does, so a pipelined `COMMIT` cannot commit the others without it.
+    fn refused_line(&mut self, r: Response) -> Response {
+        let (true, Response::Err(e)) = (self.txn.is_some(), &r) else {
+            return r;
+        };
+        let why = format!("a request was refused: {}", e.message);
+        let r = Response::err(
+            e.code,
+            format!(
+                "{}; the transaction is aborted, end it with COMMIT or ABORT",
+                e.message
+            ),
+        );
+        self.abort_txn("TOO_LARGE", why);
+        r
+    }
+
     /// The reply to an autocommit write over `--max-txn-bytes`, if it is.
     fn autocommit_too_large(&self, key: &[u8], value: Option<&Bytes>) -> Option<Response> {
         let size = write_size(key, value);
@@ -722,7 +741,8 @@ pub async fn handle(
             }
             Ok(Ok(Some(Frame::Line(line)))) => line,
             Ok(Ok(Some(Frame::TooLong))) => {
-                pending.push_back(Pending::Ready(Response::too_large(conn.max_line())));
+                let r = session.refused_line(Response::too_large(conn.max_line()));
+                pending.push_back(Pending::Ready(r));
                 continue;
             }
             Ok(Ok(None)) | Ok(Err(_)) => break,
@@ -731,7 +751,12 @@ pub async fn handle(
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
-                pending.push_back(Pending::Ready(Response::Err(e)));
+                let r = match e.code {
+                    // A key over its limit: a refused write, like an over-long line.
+                    ErrorCode::TooLarge => session.refused_line(Response::Err(e)),
+                    _ => Response::Err(e),
+                };
+                pending.push_back(Pending::Ready(r));
                 continue;
             }
         };
