@@ -268,6 +268,45 @@ async fn an_over_long_put_line_in_a_transaction_aborts_it() {
     assert_eq!(c.get("la").await.unwrap(), Some(Bytes::from("1")));
 }
 
+/// A client pipelining autocommit writes without pause holds at most `--max-txn-bytes` of the
+/// shared budget, so other clients' transactions still get theirs. It once took the whole
+/// budget, and every other client's transaction write answered ERR UNAVAILABLE and aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_client_cannot_take_the_whole_write_budget() {
+    let sys = System::start(&["--max-txn-bytes", "1000", "--max-buffered-mib", "1"]).await;
+    let addr = sys.kv_addr;
+    let mut loader = Client::connect(addr).await.unwrap();
+    // 2,000 writes of 900 bytes (1.8 MB, over the whole budget), sent at once, never read.
+    let v = "x".repeat(900);
+    for i in 0..2000 {
+        loader.send(format!("PUT p{i} {v}").as_bytes());
+    }
+    loader.flush().await.unwrap();
+    wait_stat(addr, "commits", "the loader's writes to commit", |n| {
+        n >= 20
+    })
+    .await;
+    let mut c = Client::connect(addr).await.unwrap();
+    for i in 0..20 {
+        c.begin().await.unwrap();
+        let r = c
+            .call(format!("PUT t{i} {}", "y".repeat(900)).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(r, Response::ok(), "transaction {i}");
+        let held = stat(addr, "buffered_bytes").await;
+        assert!(held <= 2 * 1000, "{held} bytes buffered by two sessions");
+        assert!(matches!(
+            c.commit().await.unwrap(),
+            CommitOutcome::Committed(_)
+        ));
+    }
+    assert!(
+        stat(addr, "commits").await < 2000 + 20,
+        "the loader finished before the transactions ran: the test proved nothing"
+    );
+}
+
 /// All sessions' buffered writes share `--max-buffered-mib`; a write past it is refused with
 /// ERR UNAVAILABLE and aborts its transaction, and the budget comes back when a transaction
 /// ends.

@@ -13,7 +13,9 @@
 //!   committed in part as autocommit writes.
 //! - A transaction's buffered writes stay within `--max-txn-bytes` and hold a share of the
 //!   server-wide budget (see [`crate::limits`]) until the transaction ends; a pipelined
-//!   autocommit write holds its share until it is answered.
+//!   autocommit write holds its share until it is answered, and one session's autocommit
+//!   writes waiting for the log stay within `--max-txn-bytes` together (it waits for its own
+//!   earlier writes first), so no session holds more than that of the budget.
 //! - Only real commands count as activity: blank lines, unparsable lines and over-long lines do
 //!   not move the idle deadline.
 //! - `SCAN` streams: it reads the range in pages at its snapshot and writes and flushes each page
@@ -655,7 +657,7 @@ enum Pending {
     /// In the log; the write holds its share of the budget until it is answered.
     Waiting {
         rx: oneshot::Receiver<Result<(), EngineError>>,
-        _share: Reservation,
+        share: Reservation,
     },
 }
 
@@ -778,6 +780,19 @@ pub async fn handle(
             // could otherwise queue MAX_PIPELINE large values); when it is short, this
             // session's own writes are waited for first, which is backpressure, not an error.
             let size = write_size(&write.0, write.1.as_ref());
+            // One session holds at most --max-txn-bytes of writes in the log at once, as an
+            // open transaction does, so one pipelining client cannot take the whole budget
+            // from everyone's transactions; past it, it waits for its own writes first.
+            let in_log: usize = pending
+                .iter()
+                .map(|p| match p {
+                    Pending::Waiting { share, .. } => share.bytes(),
+                    Pending::Ready(_) => 0,
+                })
+                .sum();
+            if in_log.saturating_add(size) > session.limits.max_txn_bytes {
+                drain(&mut conn, &mut pending).await;
+            }
             let mut share = session.limits.budget.reserve();
             if !share.resize(size) && pending.iter().any(|p| matches!(p, Pending::Waiting { .. })) {
                 drain(&mut conn, &mut pending).await;
@@ -793,9 +808,7 @@ pub async fn handle(
                 continue;
             }
             match session.engine.submit(None, vec![write]).await {
-                Ok(Submitted::Queued(_, rx)) => {
-                    pending.push_back(Pending::Waiting { rx, _share: share })
-                }
+                Ok(Submitted::Queued(_, rx)) => pending.push_back(Pending::Waiting { rx, share }),
                 // Blind writes never conflict; answer as a commit would, to be safe.
                 Ok(Submitted::Conflict(_)) => pending.push_back(Pending::Ready(Response::err(
                     ErrorCode::Unavailable,
