@@ -458,6 +458,53 @@ async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
     assert_eq!(all.len(), 300);
 }
 
+/// A transaction's idle time counts from when its last reply was sent: a SCAN that streams to a
+/// slow reader for longer than `--txn-timeout-secs` is activity. Its transaction was once
+/// aborted (TIMEOUT) the moment the scan ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_longer_than_the_idle_timeout_does_not_time_its_transaction_out() {
+    let sys = System::start(&["--txn-timeout-secs", "1", "--max-snapshot-age-secs", "600"]).await;
+    let addr = sys.kv_addr;
+    let n = 4000usize;
+    let value = "s".repeat(8 * 1024);
+    let mut w = Client::connect(addr).await.unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        for i in chunk {
+            w.send(format!("PUT scan{i:05} {value}").as_bytes());
+        }
+        w.flush().await.unwrap();
+        for _ in chunk {
+            assert_eq!(w.recv().await.unwrap(), Response::ok());
+        }
+    }
+    let mut reader = Client::connect(addr).await.unwrap();
+    reader.begin().await.unwrap();
+    reader.send(b"SCAN scan scan~");
+    reader.flush().await.unwrap();
+    // A slow reader: 32 MB cannot sit in the socket buffers, so the scan streams for longer
+    // than the idle timeout while the reader waits (this wait is the behaviour under test).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut rows = 0usize;
+    loop {
+        match reader.recv().await.unwrap() {
+            Response::Kv(..) => rows += 1,
+            Response::End => break,
+            r => panic!("after {rows} rows: {r:?}"),
+        }
+    }
+    assert_eq!(rows, n);
+    assert_eq!(
+        reader.get("scan00001").await.unwrap().map(|v| v.len()),
+        Some(value.len()),
+        "the transaction was aborted right after its scan"
+    );
+    reader.put("after-scan", "1").await.unwrap();
+    assert!(matches!(
+        reader.commit().await.unwrap(),
+        CommitOutcome::Committed(_)
+    ));
+}
+
 /// A transaction open when a newer kvstore takes over is aborted under its client: it could
 /// only ever read stale data and never commit. (Its reads once went on from the old state.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -220,7 +220,14 @@ impl Session {
             return Ok(());
         }
         let r = match req {
-            Request::Scan { start, end, limit } => return self.scan(conn, start, end, limit).await,
+            Request::Scan { start, end, limit } => {
+                let r = self.scan(conn, start, end, limit).await;
+                // A session streaming a long scan to a slow reader was busy, not idle: the idle
+                // time counts from when the scan was sent, or a scan longer than the timeout
+                // would abort its transaction the moment it ended.
+                self.last_command = Instant::now();
+                return r;
+            }
             Request::Ping => Response::Pong,
             Request::Quit => Response::ok(),
             Request::Status => self.status(),
