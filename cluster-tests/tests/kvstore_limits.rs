@@ -223,6 +223,90 @@ async fn a_write_over_max_txn_bytes_is_refused_and_aborts_its_transaction() {
     assert_eq!(c.get("k").await.unwrap().map(|v| v.len()), Some(999));
 }
 
+/// A line over `--max-line` (or a key over its limit) inside a transaction is a refused write
+/// too: it aborts the transaction, so a pipelined COMMIT cannot commit the writes around it.
+/// It once answered ERR TOO_LARGE and then COMMITTED the other writes without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_put_line_in_a_transaction_aborts_it() {
+    let sys = System::start(&["--max-line", "1000"]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    for (i, bad) in [
+        format!("PUT lb {}", "x".repeat(1000)),
+        format!("PUT {} 1", "k".repeat(1025)),
+    ]
+    .iter()
+    .enumerate()
+    {
+        c.begin().await.unwrap();
+        for line in ["PUT la 1", bad.as_str(), "PUT lc 3", "COMMIT"] {
+            c.send(line.as_bytes());
+        }
+        c.flush().await.unwrap();
+        assert_eq!(c.recv().await.unwrap(), Response::ok(), "case {i}");
+        assert_err(
+            &c.recv().await.unwrap(),
+            ErrorCode::TooLarge,
+            "the transaction is aborted",
+        );
+        assert_aborted_state(&c.recv().await.unwrap(), "TOO_LARGE");
+        assert_eq!(
+            c.recv().await.unwrap(),
+            Response::Aborted(vec![Bytes::from("TOO_LARGE")]),
+            "case {i}"
+        );
+        for k in ["la", "lb", "lc"] {
+            assert_eq!(c.get(k).await.unwrap(), None, "case {i}: {k} was written");
+        }
+    }
+    // Outside a transaction an over-long line is refused and nothing else changes.
+    let r = c
+        .call(format!("PUT lb {}", "x".repeat(1000)).as_bytes())
+        .await
+        .unwrap();
+    assert_err(&r, ErrorCode::TooLarge, "line exceeds 1000 bytes");
+    c.put("la", "1").await.unwrap();
+    assert_eq!(c.get("la").await.unwrap(), Some(Bytes::from("1")));
+}
+
+/// A client pipelining autocommit writes without pause holds at most `--max-txn-bytes` of the
+/// shared budget, so other clients' transactions still get theirs. It once took the whole
+/// budget, and every other client's transaction write answered ERR UNAVAILABLE and aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelining_client_cannot_take_the_whole_write_budget() {
+    let sys = System::start(&["--max-txn-bytes", "1000", "--max-buffered-mib", "1"]).await;
+    let addr = sys.kv_addr;
+    let mut loader = Client::connect(addr).await.unwrap();
+    // 2,000 writes of 900 bytes (1.8 MB, over the whole budget), sent at once, never read.
+    let v = "x".repeat(900);
+    for i in 0..2000 {
+        loader.send(format!("PUT p{i} {v}").as_bytes());
+    }
+    loader.flush().await.unwrap();
+    wait_stat(addr, "commits", "the loader's writes to commit", |n| {
+        n >= 20
+    })
+    .await;
+    let mut c = Client::connect(addr).await.unwrap();
+    for i in 0..20 {
+        c.begin().await.unwrap();
+        let r = c
+            .call(format!("PUT t{i} {}", "y".repeat(900)).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(r, Response::ok(), "transaction {i}");
+        let held = stat(addr, "buffered_bytes").await;
+        assert!(held <= 2 * 1000, "{held} bytes buffered by two sessions");
+        assert!(matches!(
+            c.commit().await.unwrap(),
+            CommitOutcome::Committed(_)
+        ));
+    }
+    assert!(
+        stat(addr, "commits").await < 2000 + 20,
+        "the loader finished before the transactions ran: the test proved nothing"
+    );
+}
+
 /// All sessions' buffered writes share `--max-buffered-mib`; a write past it is refused with
 /// ERR UNAVAILABLE and aborts its transaction, and the budget comes back when a transaction
 /// ends.
@@ -372,6 +456,53 @@ async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
     reader.ping().await.unwrap();
     let all = reader.scan("scan", "scan~", Some(300)).await.unwrap();
     assert_eq!(all.len(), 300);
+}
+
+/// A transaction's idle time counts from when its last reply was sent: a SCAN that streams to a
+/// slow reader for longer than `--txn-timeout-secs` is activity. Its transaction was once
+/// aborted (TIMEOUT) the moment the scan ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_longer_than_the_idle_timeout_does_not_time_its_transaction_out() {
+    let sys = System::start(&["--txn-timeout-secs", "1", "--max-snapshot-age-secs", "600"]).await;
+    let addr = sys.kv_addr;
+    let n = 4000usize;
+    let value = "s".repeat(8 * 1024);
+    let mut w = Client::connect(addr).await.unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        for i in chunk {
+            w.send(format!("PUT scan{i:05} {value}").as_bytes());
+        }
+        w.flush().await.unwrap();
+        for _ in chunk {
+            assert_eq!(w.recv().await.unwrap(), Response::ok());
+        }
+    }
+    let mut reader = Client::connect(addr).await.unwrap();
+    reader.begin().await.unwrap();
+    reader.send(b"SCAN scan scan~");
+    reader.flush().await.unwrap();
+    // A slow reader: 32 MB cannot sit in the socket buffers, so the scan streams for longer
+    // than the idle timeout while the reader waits (this wait is the behaviour under test).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut rows = 0usize;
+    loop {
+        match reader.recv().await.unwrap() {
+            Response::Kv(..) => rows += 1,
+            Response::End => break,
+            r => panic!("after {rows} rows: {r:?}"),
+        }
+    }
+    assert_eq!(rows, n);
+    assert_eq!(
+        reader.get("scan00001").await.unwrap().map(|v| v.len()),
+        Some(value.len()),
+        "the transaction was aborted right after its scan"
+    );
+    reader.put("after-scan", "1").await.unwrap();
+    assert!(matches!(
+        reader.commit().await.unwrap(),
+        CommitOutcome::Committed(_)
+    ));
 }
 
 /// A transaction open when a newer kvstore takes over is aborted under its client: it could

@@ -13,7 +13,9 @@
 //!   committed in part as autocommit writes.
 //! - A transaction's buffered writes stay within `--max-txn-bytes` and hold a share of the
 //!   server-wide budget (see [`crate::limits`]) until the transaction ends; a pipelined
-//!   autocommit write holds its share until it is answered.
+//!   autocommit write holds its share until it is answered, and one session's autocommit
+//!   writes waiting for the log stay within `--max-txn-bytes` together (it waits for its own
+//!   earlier writes first), so no session holds more than that of the budget.
 //! - Only real commands count as activity: blank lines, unparsable lines and over-long lines do
 //!   not move the idle deadline.
 //! - `SCAN` streams: it reads the range in pages at its snapshot and writes and flushes each page
@@ -224,7 +226,14 @@ impl Session {
             return Ok(());
         }
         let r = match req {
-            Request::Scan { start, end, limit } => return self.scan(conn, start, end, limit).await,
+            Request::Scan { start, end, limit } => {
+                let r = self.scan(conn, start, end, limit).await;
+                // A session streaming a long scan to a slow reader was busy, not idle: the idle
+                // time counts from when the scan was sent, or a scan longer than the timeout
+                // would abort its transaction the moment it ended.
+                self.last_command = Instant::now();
+                return r;
+            }
             Request::Ping => Response::Pong,
             Request::Quit => Response::ok(),
             Request::Status => self.status(),
@@ -314,6 +323,25 @@ impl Session {
             }
             Err(e) => engine_err(e),
         }
+    }
+
+    /// A line refused as too large (over `--max-line`, or a key over its limit) is almost
+    /// surely a `PUT`: inside a transaction it aborts the transaction, as a write over
+    /// `--max-txn-bytes` does, so a pipelined `COMMIT` cannot commit the others without it.
+    fn refused_line(&mut self, r: Response) -> Response {
+        let (true, Response::Err(e)) = (self.txn.is_some(), &r) else {
+            return r;
+        };
+        let why = format!("a request was refused: {}", e.message);
+        let r = Response::err(
+            e.code,
+            format!(
+                "{}; the transaction is aborted, end it with COMMIT or ABORT",
+                e.message
+            ),
+        );
+        self.abort_txn("TOO_LARGE", why);
+        r
     }
 
     /// The reply to an autocommit write over `--max-txn-bytes`, if it is.
@@ -646,7 +674,7 @@ enum Pending {
     /// In the log; the write holds its share of the budget until it is answered.
     Waiting {
         rx: oneshot::Receiver<Result<(), EngineError>>,
-        _share: Reservation,
+        share: Reservation,
     },
 }
 
@@ -732,7 +760,8 @@ pub async fn handle(
             }
             Ok(Ok(Some(Frame::Line(line)))) => line,
             Ok(Ok(Some(Frame::TooLong))) => {
-                pending.push_back(Pending::Ready(Response::too_large(conn.max_line())));
+                let r = session.refused_line(Response::too_large(conn.max_line()));
+                pending.push_back(Pending::Ready(r));
                 continue;
             }
             Ok(Ok(None)) | Ok(Err(_)) => break,
@@ -741,7 +770,12 @@ pub async fn handle(
             Ok(Some(r)) => r,
             Ok(None) => continue,
             Err(e) => {
-                pending.push_back(Pending::Ready(Response::Err(e)));
+                let r = match e.code {
+                    // A key over its limit: a refused write, like an over-long line.
+                    ErrorCode::TooLarge => session.refused_line(Response::Err(e)),
+                    _ => Response::Err(e),
+                };
+                pending.push_back(Pending::Ready(r));
                 continue;
             }
         };
@@ -763,6 +797,19 @@ pub async fn handle(
             // could otherwise queue MAX_PIPELINE large values); when it is short, this
             // session's own writes are waited for first, which is backpressure, not an error.
             let size = write_size(&write.0, write.1.as_ref());
+            // One session holds at most --max-txn-bytes of writes in the log at once, as an
+            // open transaction does, so one pipelining client cannot take the whole budget
+            // from everyone's transactions; past it, it waits for its own writes first.
+            let in_log: usize = pending
+                .iter()
+                .map(|p| match p {
+                    Pending::Waiting { share, .. } => share.bytes(),
+                    Pending::Ready(_) => 0,
+                })
+                .sum();
+            if in_log.saturating_add(size) > session.limits.max_txn_bytes {
+                drain(&mut conn, &mut pending).await;
+            }
             let mut share = session.limits.budget.reserve();
             if !share.resize(size) && pending.iter().any(|p| matches!(p, Pending::Waiting { .. })) {
                 drain(&mut conn, &mut pending).await;
@@ -778,9 +825,7 @@ pub async fn handle(
                 continue;
             }
             match session.engine.submit(None, vec![write]).await {
-                Ok(Submitted::Queued(_, rx)) => {
-                    pending.push_back(Pending::Waiting { rx, _share: share })
-                }
+                Ok(Submitted::Queued(_, rx)) => pending.push_back(Pending::Waiting { rx, share }),
                 // Blind writes never conflict; answer as a commit would, to be safe.
                 Ok(Submitted::Conflict(_)) => pending.push_back(Pending::Ready(Response::err(
                     ErrorCode::Unavailable,

@@ -147,6 +147,13 @@ mod tests {
             .message
             .contains("LIMIT needs a count"));
         assert!(err("SCAN a b LIMIT x").message.contains("LIMIT"));
+        // A client's token is named, not echoed in full: a pipelined burst of these must not
+        // make the server hold (or send) megabytes of error text.
+        let long = format!("SCAN a b {} 3", "F".repeat(1 << 20));
+        assert!(
+            err(&long).message.len() < 300,
+            "the option is echoed in full"
+        );
         assert!(err("SCAN a b LIMIT 1 2")
             .message
             .contains("wrong number of arguments (5)"));

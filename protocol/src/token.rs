@@ -234,11 +234,20 @@ pub fn join<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
     out
 }
 
-/// Renders bytes for a human message (error texts, logs): the quoted form when not bare.
+/// Bytes of an argument that [`display`] shows; the rest is summarised by its length.
+const DISPLAY_MAX: usize = 64;
+
+/// Renders bytes for a human message (error texts, logs): the quoted form when not bare, cut
+/// to its first [`DISPLAY_MAX`] bytes, so an error echoing a client's token stays one short
+/// line however long (and, quoted, up to 4x longer) the token was.
 pub fn display(arg: &[u8]) -> String {
     let mut out = Vec::new();
-    write_arg(&mut out, arg);
-    String::from_utf8_lossy(&out).into_owned()
+    write_arg(&mut out, &arg[..arg.len().min(DISPLAY_MAX)]);
+    let mut s = String::from_utf8_lossy(&out).into_owned();
+    if arg.len() > DISPLAY_MAX {
+        s.push_str(&format!("... ({} bytes)", arg.len()));
+    }
+    s
 }
 
 #[cfg(test)]
@@ -251,6 +260,15 @@ mod tests {
             .into_iter()
             .map(|b| b.to_vec())
             .collect()
+    }
+
+    #[test]
+    fn display_cuts_a_long_argument_to_a_short_line() {
+        assert_eq!(display(b"FOO"), "FOO");
+        assert_eq!(display(b"a b"), "\"a b\"");
+        let long = display(&[0xff; 1 << 20]);
+        assert!(long.len() < 400, "{} bytes", long.len());
+        assert!(long.ends_with("... (1048576 bytes)"), "{long}");
     }
 
     #[test]
