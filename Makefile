@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv bench bench-peers clean
+.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv bench bench-peers soak clean
 
 DATA ?= ./data
 
@@ -63,6 +63,14 @@ bench: build
 ## if missing), then one table with the ratios. Manual: installs packages, takes minutes.
 bench-peers: build
 	scripts/bench-peers.sh
+
+## What a careless or hostile client sends, at full size (issue #18): large values under a
+## leader kill, unfinished lines, huge and many transactions, unread SCANs, an old snapshot, a
+## full SCAN among other clients, thousands of connections. Each row reports the servers' memory
+## (before / peak / after), latencies and whether the system still serves; about 5 minutes.
+## Summary in bench/results/<date>-soak.md; SOAK_ROWS=1,4 runs only those rows.
+soak: build
+	cargo bench -p cluster-tests --bench soak
 
 clean: stop
 	rm -rf $(DATA)

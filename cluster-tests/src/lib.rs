@@ -520,6 +520,24 @@ impl System {
         self.kill_kv();
         self.start_kv().await;
     }
+
+    /// The running servers' process ids by name (`kvstore`, `log-1`..`log-3`, `sequencer`),
+    /// for benchmarks that watch their memory. A stopped process is left out.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut pids = Vec::new();
+        if let Some(pid) = self.kv.as_ref().and_then(Proc::pid) {
+            pids.push(("kvstore".to_string(), pid));
+        }
+        for r in &self.log.replicas {
+            if let Some(pid) = r.proc_.as_ref().and_then(Proc::pid) {
+                pids.push((format!("log-{}", r.id), pid));
+            }
+        }
+        if let Some(pid) = self.seq.proc_.pid() {
+            pids.push(("sequencer".to_string(), pid));
+        }
+        pids
+    }
 }
 
 /// Waits until a kvstore reports `state=serving` (it replays the log first).
