@@ -64,6 +64,14 @@ pub async fn workload(
                 Err(ClientError::Server(_)) => Some(false), // e.g. UNAVAILABLE before COMMIT
                 Err(_) => None,
             };
+            if matches!(result, Err(ClientError::Server(_))) {
+                // The session is now in an aborted block (or still holds the transaction):
+                // end it, as DKSP asks, before the next BEGIN.
+                if conn.kv(&protocol::kv::Request::Abort).await.is_err() {
+                    hist.lock().unwrap().outcomes.insert((c, t), outcome);
+                    break;
+                }
+            }
             hist.lock().unwrap().outcomes.insert((c, t), outcome);
             if outcome.is_none() {
                 break; // reconnect

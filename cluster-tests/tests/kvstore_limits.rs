@@ -544,4 +544,21 @@ async fn a_transaction_open_when_the_kvstore_is_fenced_is_aborted() {
         ErrorCode::Fenced,
         "replaced",
     );
+    // A BEGIN that fails opens an aborted block: the writes pipelined behind it are refused
+    // as part of it, never run as autocommit writes, until the client ends it.
+    for line in ["BEGIN", "PUT x 1", "COMMIT", "ABORT"] {
+        c.send(line.as_bytes());
+    }
+    c.flush().await.unwrap();
+    assert_err(
+        &c.recv().await.unwrap(),
+        ErrorCode::Fenced,
+        "end it with ABORT",
+    );
+    assert_aborted_state(&c.recv().await.unwrap(), "FENCED");
+    assert_eq!(
+        c.recv().await.unwrap(),
+        Response::Aborted(vec![Bytes::from("FENCED")])
+    );
+    assert_err(&c.recv().await.unwrap(), ErrorCode::NoTxn, "no transaction");
 }

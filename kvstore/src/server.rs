@@ -269,7 +269,29 @@ impl Session {
                 });
                 Response::Ok(vec![Bytes::from(s.to_string())])
             }
-            Err(e) => engine_err(e),
+            Err(e) => {
+                // A pipelining client sends its PUTs right behind the BEGIN: were they run as
+                // autocommit writes once the store serves again, part of the transaction would
+                // commit. So a failed BEGIN opens an aborted block, ended by COMMIT or ABORT.
+                let (reason, why) = match &e {
+                    EngineError::Fenced(_) => ("FENCED", e.to_string()),
+                    EngineError::Unavailable(m) | EngineError::TooLarge(m) => {
+                        ("UNAVAILABLE", m.clone())
+                    }
+                };
+                self.aborted = Some(Aborted {
+                    reason,
+                    why: format!("BEGIN failed: {why}"),
+                });
+                match engine_err(e) {
+                    Response::Err(mut err) => {
+                        err.message
+                            .push_str("; the transaction block is aborted: end it with ABORT");
+                        Response::Err(err)
+                    }
+                    r => r,
+                }
+            }
         }
     }
 
