@@ -184,22 +184,23 @@ async fn a_snapshot_older_than_the_age_limit_is_aborted_even_while_active() {
 async fn a_write_over_max_txn_bytes_is_refused_and_aborts_its_transaction() {
     let sys = System::start(&["--max-txn-bytes", "1000"]).await;
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
-    // Autocommit: key + value over the limit is refused, at the limit is fine.
+    // Autocommit: key + value + 16 over the limit is refused, at the limit is fine.
     let r = c
-        .call(format!("PUT k {}", "x".repeat(1000)).as_bytes())
+        .call(format!("PUT k {}", "x".repeat(984)).as_bytes())
         .await
         .unwrap();
     assert_err(&r, ErrorCode::TooLarge, "1001 bytes");
     assert_err(&r, ErrorCode::TooLarge, "--max-txn-bytes");
     assert_eq!(c.get("k").await.unwrap(), None);
-    c.put("k", "x".repeat(999)).await.unwrap();
+    c.put("k", "x".repeat(983)).await.unwrap();
     // In a transaction: a key rewritten counts once, at its last value.
     c.begin().await.unwrap();
     c.put("a", "y".repeat(500)).await.unwrap();
     c.put("a", "z".repeat(500)).await.unwrap();
     c.del("b").await.unwrap();
-    // 501 + 1 + 498 = 1000: still fits. One more byte does not.
-    c.put("c", "w".repeat(497)).await.unwrap();
+    // Each write counts 16 bytes besides its key and value: 517 + 17 + 466 = 1000 still fits;
+    // one more write does not.
+    c.put("c", "w".repeat(449)).await.unwrap();
     c.send(b"PUT d 1");
     // Pipelined after the refused write: none of these may run as autocommit.
     c.send(b"PUT e 1");
@@ -209,7 +210,7 @@ async fn a_write_over_max_txn_bytes_is_refused_and_aborts_its_transaction() {
     assert_err(
         &c.recv().await.unwrap(),
         ErrorCode::TooLarge,
-        "would total 1002 bytes",
+        "would total 1018 bytes",
     );
     assert_aborted_state(&c.recv().await.unwrap(), "TOO_LARGE");
     assert_aborted_state(&c.recv().await.unwrap(), "TOO_LARGE");
@@ -220,7 +221,7 @@ async fn a_write_over_max_txn_bytes_is_refused_and_aborts_its_transaction() {
     for k in ["a", "c", "d", "e"] {
         assert_eq!(c.get(k).await.unwrap(), None, "{k}");
     }
-    assert_eq!(c.get("k").await.unwrap().map(|v| v.len()), Some(999));
+    assert_eq!(c.get("k").await.unwrap().map(|v| v.len()), Some(983));
 }
 
 /// A line over `--max-line` (or a key over its limit) inside a transaction is a refused write
@@ -319,7 +320,7 @@ async fn the_buffered_write_budget_is_shared_by_all_connections() {
     let mut b = Client::connect(addr).await.unwrap();
     a.begin().await.unwrap();
     a.put("a", big.clone()).await.unwrap();
-    assert_eq!(stat(addr, "buffered_bytes").await, 600_001);
+    assert_eq!(stat(addr, "buffered_bytes").await, 600_017);
     // An autocommit write with nothing of its own in flight is refused outright...
     let mut c = Client::connect(addr).await.unwrap();
     let r = c.call(format!("PUT c {big}").as_bytes()).await.unwrap();
@@ -335,7 +336,7 @@ async fn the_buffered_write_budget_is_shared_by_all_connections() {
     );
     assert_eq!(
         stat(addr, "buffered_bytes").await,
-        600_001,
+        600_017,
         "b's aborted transaction gave its share back"
     );
     // a commits, which frees its share; then b fits.
