@@ -41,6 +41,8 @@ struct Args {
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
+    #[command(flatten)]
+    conn: protocol::server::ConnArgs,
     /// Do not follow the log with TAIL. A newer kvstore taking over is then noticed only at
     /// this one's next commit (for tests of that path, and for diagnosis).
     #[arg(long)]
@@ -93,9 +95,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let idle = Duration::from_secs(args.txn_timeout_secs.max(1));
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(protocol::server::serve(
+    let serving = tokio::spawn(protocol::server::serve_with(
         listener,
-        args.max_line,
+        args.conn
+            .options(args.max_line, 1024, 3600.max(args.txn_timeout_secs)),
         shutdown.clone(),
         move |conn, token| kvstore::server::handle(conn, engine.clone(), idle, token),
     ));
