@@ -56,6 +56,10 @@ const MIN_READ: usize = 4 * 1024;
 /// reply, so the peer reads that reply instead of a reset (closing with unread input sends RST).
 const LINGER: Duration = Duration::from_millis(500);
 
+/// Bytes of enlarged read buffers given back since the allocator was last asked to return
+/// free memory to the OS (see `server::reclaim_memory`).
+pub(crate) static RELEASED: AtomicUsize = AtomicUsize::new(0);
+
 /// The bytes all connections of a server may hold in enlarged read buffers (partial lines).
 #[derive(Debug)]
 pub struct ReadBudget {
@@ -288,6 +292,7 @@ impl Connection {
         if let Some(budget) = &self.limits.read_budget {
             budget.release(self.charged);
         }
+        RELEASED.fetch_add(self.charged, Ordering::Relaxed);
         self.charged = 0;
     }
 

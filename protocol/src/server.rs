@@ -24,6 +24,11 @@ use crate::connection::{ConnLimits, Connection, ReadBudget};
 /// segments, Raft peer links, its own connections to the sequencer and log).
 pub const FD_HEADROOM: u64 = 128;
 
+/// After this many bytes of read buffers were freed, the allocator is asked to give free
+/// memory back to the OS (at most once per [`RECLAIM_EVERY`]).
+pub const RECLAIM_AFTER: usize = 16 << 20;
+const RECLAIM_EVERY: Duration = Duration::from_secs(1);
+
 /// Refused connections being told so at once; more are closed without the `ERR` line.
 pub const MAX_REFUSING: usize = 32;
 
@@ -193,6 +198,7 @@ pub async fn serve_with<F, Fut>(
     F: Fn(Connection, CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let reclaimer = tokio::spawn(reclaim_memory(shutdown.clone()));
     let slots = Arc::new(Semaphore::new(opts.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let refusal = format!(
@@ -201,7 +207,10 @@ pub async fn serve_with<F, Fut>(
     );
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                reclaimer.abort();
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -224,6 +233,40 @@ pub async fn serve_with<F, Fut>(
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+}
+
+extern "C" {
+    /// mimalloc's `mi_collect`: with `force`, frees what the calling thread's heap caches and
+    /// returns every arena page awaiting its purge delay to the OS. (Declared here because
+    /// `libmimalloc-sys` declares it only with its `extended` feature.)
+    fn mi_collect(force: bool);
+}
+
+/// Returns the memory of a spike of large lines to the OS. mimalloc gives freed pages back only
+/// after a delay, and only when the heap is next active: measured, 1,000 connections that held
+/// 1 MB partial lines and closed left the process at 1,024 MiB RSS indefinitely, while a forced
+/// collect brings it back to a few tens of MiB. Runs only after [`RECLAIM_AFTER`] bytes of
+/// buffers were freed, so steady traffic never pays for it.
+async fn reclaim_memory(shutdown: CancellationToken) {
+    use std::sync::atomic::Ordering;
+    // Only a binary that links mimalloc (every dtkv server) is asked; the symbol is there in
+    // any case, as this crate links libmimalloc-sys.
+    use libmimalloc_sys as _;
+    let mut tick = tokio::time::interval(RECLAIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if crate::connection::RELEASED.load(Ordering::Relaxed) >= RECLAIM_AFTER {
+            crate::connection::RELEASED.store(0, Ordering::Relaxed);
+            // SAFETY: mi_collect takes no pointers and may be called from any thread at any
+            // time; with another global allocator it only trims mimalloc's own (empty) heap.
+            unsafe { mi_collect(true) };
+            tracing::debug!("returned freed read buffers to the OS");
         }
     }
 }
