@@ -85,7 +85,7 @@ impl ReadBudget {
     }
 
     /// Takes `n` bytes if they fit under the limit.
-    fn try_charge(&self, n: usize) -> bool {
+    pub(crate) fn try_charge(&self, n: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 u.checked_add(n).filter(|&t| t <= self.limit)
@@ -93,7 +93,7 @@ impl ReadBudget {
             .is_ok()
     }
 
-    fn release(&self, n: usize) {
+    pub(crate) fn release(&self, n: usize) {
         // Never below zero: a release is always of bytes this connection charged.
         let _ = self
             .used

@@ -347,3 +347,29 @@ impl RuntimeArgs {
         b.enable_all().build()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_is_kept_below_the_open_file_limit_with_headroom() {
+        assert_eq!(clamp_connections(1024, 65_536), 1024);
+        assert_eq!(clamp_connections(1024, 1024), 1024 - FD_HEADROOM as usize);
+        assert_eq!(clamp_connections(1024, 200), 100);
+        assert_eq!(clamp_connections(1024, 1), 1);
+    }
+
+    #[test]
+    fn the_read_budget_refuses_a_charge_that_would_cross_it_and_takes_releases_back() {
+        let b = ReadBudget::new(100);
+        assert!(b.try_charge(60));
+        assert!(!b.try_charge(41));
+        assert_eq!(b.used(), 60);
+        assert!(b.try_charge(40));
+        b.release(60);
+        assert_eq!(b.used(), 40);
+        b.release(1000);
+        assert_eq!(b.used(), 0);
+    }
+}
