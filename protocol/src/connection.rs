@@ -239,6 +239,7 @@ impl Connection {
     }
 
     fn close_with(&mut self, kind: io::ErrorKind, msg: String) {
+        tracing::debug!("closing the connection from {:?}: {msg}", self.peer_addr());
         self.closing = Some(kind);
         let mut line = Vec::with_capacity(msg.len() + 20);
         Response::err(ErrorCode::Unavailable, msg).encode(&mut line);
