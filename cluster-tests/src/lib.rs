@@ -102,6 +102,49 @@ impl Proc {
         }
     }
 
+    /// [`spawn`](Self::spawn) with the soft open-file limit of the child set to `soft` (the
+    /// hard limit unchanged), as a host with a low `ulimit -n` would start it.
+    #[cfg(unix)]
+    pub fn spawn_with_nofile(binary: &str, args: &[String], log: &Path, soft: u64) -> Proc {
+        use std::os::unix::process::CommandExt;
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("opening log file");
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        // SAFETY: between fork and exec only setrlimit, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                lim.rlim_cur = (soft as libc::rlim_t).min(lim.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {binary}: {e}"));
+        Proc {
+            child: Some(child),
+            name: binary.to_string(),
+            log: log.to_path_buf(),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

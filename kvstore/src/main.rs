@@ -61,6 +61,8 @@ struct Args {
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
+    #[command(flatten)]
+    conn: protocol::server::ConnArgs,
     /// Do not follow the log with TAIL. A newer kvstore taking over is then noticed only at
     /// this one's next commit (for tests of that path, and for diagnosis).
     #[arg(long)]
@@ -125,9 +127,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         budget: Budget::new(args.max_buffered_mib.max(1).saturating_mul(1 << 20)),
     });
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(protocol::server::serve(
+    let serving = tokio::spawn(protocol::server::serve_with(
         listener,
-        args.max_line,
+        args.conn
+            .options(args.max_line, 1024, 3600.max(args.txn_timeout_secs)),
         shutdown.clone(),
         move |conn, token| kvstore::server::handle(conn, engine.clone(), limits.clone(), token),
     ));

@@ -55,6 +55,8 @@ struct Args {
     /// commits (the kvstore answers them `ABORTED TOO_LARGE`).
     #[arg(long, default_value_t = protocol::log::LOG_MAX_LINE)]
     max_line: usize,
+    #[command(flatten)]
+    conn: protocol::server::ConnArgs,
     /// Testing hook: `id=addr,...` dials `addr` for Raft traffic to peer `id` instead of the
     /// address in the membership (the fault-injection tests route each link through a proxy).
     #[arg(long, default_value = "")]
@@ -153,9 +155,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         raft_addr,
         args.data_dir.display()
     );
-    let serving = tokio::spawn(protocol::server::serve(
+    let serving = tokio::spawn(protocol::server::serve_with(
         dksp,
-        args.max_line,
+        args.conn.options(args.max_line, 256, 0),
         shutdown.clone(),
         move |conn, token| logserver::server::handle(conn, srv.clone(), token),
     ));

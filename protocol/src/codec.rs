@@ -5,6 +5,9 @@
 //! bytes up to the next newline without buffering them. The `TooLong` frame is produced when the
 //! oversized line *ends*, so every line still gets exactly one response, in order.
 //!
+//! A line ends at `\n`; any `\r`s just before it are part of the terminator (`\r\n`, and the
+//! `\r\r\n` of tools that convert line ends twice).
+//!
 //! A final line without a terminating newline (the peer closed mid-line) is dropped, never
 //! executed: a truncated `PUT k value` must not store a truncated value.
 
@@ -17,7 +20,7 @@ pub const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 /// One decoded unit of input.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// A complete line without its `\n` or `\r\n`.
+    /// A complete line without its `\n` and the `\r`s before it.
     Line(Bytes),
     /// A line that exceeded the limit; its bytes were discarded.
     TooLong,
@@ -70,10 +73,14 @@ impl Decoder for LineCodec {
                         return Ok(Some(Frame::TooLong));
                     }
                     let mut line = buf.split_to(end + 1);
-                    line.truncate(end);
-                    if line.last() == Some(&b'\r') {
-                        line.truncate(end - 1);
-                    }
+                    // Every trailing `\r` belongs to the terminator, not just one: tools that
+                    // convert line ends twice send `\r\r\n`, and a bare `\r` means nothing in
+                    // DKSP (a value ending in CR is written quoted, `"v\r"`).
+                    let content = line[..end]
+                        .iter()
+                        .rposition(|&b| b != b'\r')
+                        .map_or(0, |i| i + 1);
+                    line.truncate(content);
                     if line.len() > self.max_line {
                         return Ok(Some(Frame::TooLong));
                     }
@@ -156,6 +163,15 @@ mod tests {
         assert_eq!(
             decode_all(&mut c, b"PING\r\nGET a\n\n"),
             vec![line("PING"), line("GET a"), line("")]
+        );
+    }
+
+    #[test]
+    fn every_carriage_return_before_the_newline_is_part_of_the_terminator() {
+        let mut c = LineCodec::new(16);
+        assert_eq!(
+            decode_all(&mut c, b"PING\r\r\nGET a\r\r\r\n\r\nGET\rb\n"),
+            vec![line("PING"), line("GET a"), line(""), line("GET\rb")]
         );
     }
 

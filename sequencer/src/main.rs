@@ -22,6 +22,8 @@ struct Args {
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
+    #[command(flatten)]
+    conn: protocol::server::ConnArgs,
     /// Write this reserved mark and exit (recovery from a corrupt state file). Refused if a
     /// readable mark is higher.
     #[arg(long)]
@@ -60,9 +62,9 @@ async fn main() -> anyhow::Result<()> {
         oracle.current()
     );
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(protocol::server::serve(
+    let serving = tokio::spawn(protocol::server::serve_with(
         listener,
-        args.max_line,
+        args.conn.options(args.max_line, 256, 0),
         shutdown.clone(),
         move |conn, token| server::handle(conn, oracle.clone(), token),
     ));

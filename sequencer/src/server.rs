@@ -22,8 +22,9 @@ pub async fn handle(mut conn: Connection, oracle: Arc<Oracle>, shutdown: Cancell
             }
             Ok(None) => break,
             Err(e) => {
+                // Also a timeout or the read budget: `shutdown` then says why.
                 tracing::debug!("connection error: {e}");
-                return;
+                break;
             }
         };
         let req = match Request::parse(&line) {

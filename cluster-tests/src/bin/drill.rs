@@ -2,8 +2,14 @@
 //!
 //! Runs a transactional workload (see `cluster_tests::workload`) on the kvstore, `kill -9`s a
 //! process in the middle of it (the kvstore, then the logserver leader), restarts it with
-//! `scripts/dtkv.sh`, keeps the load going, and checks that every `COMMITTED` transaction is
-//! there, all or nothing, and nothing aborted is. Keys are written under `drill/<run>/`.
+//! `scripts/dtkv.sh` (as `make run` started it), keeps the load going, and checks that every
+//! `COMMITTED` transaction is there, all or nothing, and nothing aborted is. Keys are written
+//! under `drill/<run>/`.
+//!
+//! The killed log leader stays down until another replica leads in a newer term: restarted at
+//! once, it would come back within the election timeout and resume leading in the same term,
+//! and no failover would be measured. The report gives, for the leader kill, the time from the
+//! kill to a new leader elected and to the first write committed through it.
 
 use clap::Parser;
 use cluster_tests::workload::{check_history, workload, History};
@@ -62,15 +68,58 @@ async fn serving(addr: SocketAddr) -> bool {
         .is_some_and(|s| s.get("state").map(String::as_str) == Some("serving"))
 }
 
-async fn log_leader() -> Option<String> {
-    for (name, port) in [("log-1", 10002), ("log-2", 10012), ("log-3", 10022)] {
+/// The log replicas as `scripts/dtkv.sh` starts them: name and DKSP port.
+const REPLICAS: [(&str, u16); 3] = [("log-1", 10002), ("log-2", 10012), ("log-3", 10022)];
+
+/// The replica that reports itself leader, with its term.
+async fn log_leader(except: Option<&str>) -> Option<(String, u64)> {
+    for (name, port) in REPLICAS {
+        if Some(name) == except {
+            continue;
+        }
         if let Some(s) = cluster_tests::status(cluster_tests::local(port)).await {
             if s.get("role").map(String::as_str) == Some("leader") {
-                return Some(name.to_string());
+                let term = s.get("term").and_then(|t| t.parse().ok()).unwrap_or(0);
+                return Some((name.to_string(), term));
             }
         }
     }
     None
+}
+
+/// Polls the other replicas until one leads in a term after `old_term`.
+async fn new_leader(killed: &str, old_term: u64, within: Duration) -> Option<(String, u64)> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some((name, term)) = log_leader(Some(killed)).await {
+            if term > old_term {
+                return Some((name, term));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Writes a probe key until one commits; the time since `since` when it did.
+async fn first_commit(kv: SocketAddr, key: String, since: Instant) -> Option<Duration> {
+    while since.elapsed() < Duration::from_secs(60) {
+        if let Ok(Ok(mut c)) =
+            tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(kv)).await
+        {
+            if let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_secs(30), c.put(key.clone(), "x")).await
+            {
+                return Some(since.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
 }
 
 #[tokio::main]
@@ -112,9 +161,12 @@ async fn main() {
     let mut failed = false;
     for fault in ["kvstore", "log leader"] {
         tokio::time::sleep(load).await;
-        let name = match fault {
-            "kvstore" => Some("kvstore".to_string()),
-            _ => log_leader().await,
+        let (name, term) = match fault {
+            "kvstore" => (Some("kvstore".to_string()), 0),
+            _ => match log_leader(None).await {
+                Some((n, t)) => (Some(n), t),
+                None => (None, 0),
+            },
         };
         let Some(name) = name else {
             report.push(format!("{fault}: not found, skipped"));
@@ -126,36 +178,61 @@ async fn main() {
         };
         let killed = Instant::now();
         kill9(pid);
-        // A killed process may linger as a zombie; the script treats those as down.
-        if let Err(e) = restart(&args.data, &name) {
-            report.push(format!("{fault}: {e}"));
-            failed = true;
-            continue;
-        }
-        // A write issued after the kill: acknowledged only once the system is whole again.
-        let mut back = None;
-        while killed.elapsed() < Duration::from_secs(60) {
-            if let Ok(Ok(mut c)) =
-                tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(args.kv))
-                    .await
-            {
-                let key = format!("{prefix}probe");
-                if let Ok(Ok(())) =
-                    tokio::time::timeout(Duration::from_secs(30), c.put(key, "x")).await
-                {
-                    back = Some(killed.elapsed());
-                    break;
+        let probe = format!("{prefix}probe");
+        if fault == "kvstore" {
+            // A killed process may linger as a zombie; the script treats those as down.
+            if let Err(e) = restart(&args.data, &name) {
+                report.push(format!("{fault}: {e}"));
+                failed = true;
+                continue;
+            }
+            // A write issued after the kill: acknowledged only once the system is whole again.
+            match first_commit(args.kv, probe, killed).await {
+                Some(t) => report.push(format!(
+                    "kill -9 {name} (pid {pid}): a new write committed {} after the kill",
+                    ms(t)
+                )),
+                None => {
+                    report.push(format!("kill -9 {name}: no commit within 60 s"));
+                    failed = true;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
         }
-        match back {
-            Some(t) => report.push(format!(
-                "kill -9 {name} (pid {pid}): a new write committed {:.0} ms after the kill",
-                t.as_secs_f64() * 1000.0
+        // The log leader stays down until another replica leads, so the failover is real.
+        let elected = new_leader(&name, term, Duration::from_secs(30)).await;
+        let elected_after = killed.elapsed();
+        let committed = match &elected {
+            Some(_) => first_commit(args.kv, probe, killed).await,
+            None => None,
+        };
+        let restarted = restart(&args.data, &name);
+        match (elected, committed) {
+            (Some((leader, new_term)), Some(t)) => report.push(format!(
+                "kill -9 {name} (pid {pid}, leader in term {term}): {leader} elected in term \
+                 {new_term} {} after the kill; first write committed through it {} after the kill",
+                ms(elected_after),
+                ms(t)
             )),
-            None => {
-                report.push(format!("kill -9 {name}: no commit within 60 s"));
+            (Some((leader, new_term)), None) => {
+                report.push(format!(
+                    "kill -9 {name}: {leader} elected in term {new_term} after {}, but no \
+                     commit within 60 s",
+                    ms(elected_after)
+                ));
+                failed = true;
+            }
+            (None, _) => {
+                report.push(format!("kill -9 {name}: no other replica led within 30 s"));
+                failed = true;
+            }
+        }
+        match restarted {
+            Ok(()) => report.push(format!(
+                "{name} restarted; the replicas agree on a leader again"
+            )),
+            Err(e) => {
+                report.push(format!("{fault}: {e}"));
                 failed = true;
             }
         }
