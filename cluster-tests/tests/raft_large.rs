@@ -113,11 +113,21 @@ async fn max_size_appends_replicate_through_a_leader_kill_with_default_timing() 
         .parse()
         .expect("term");
     c.kill9(old_leader);
+    let killed_at = std::time::Instant::now();
     let at_kill = total.load(Ordering::SeqCst);
+    // Appends in flight at the kill may still be acknowledged by the old leader; more than
+    // the writers can have outstanding proves the new leader commits.
+    wait_total(
+        &total,
+        at_kill + 4,
+        "appends to continue after the leader kill",
+    )
+    .await;
+    let failover = killed_at.elapsed();
     wait_total(
         &total,
         at_kill + 25,
-        "appends to continue after the leader kill",
+        "25 more appends after the leader kill",
     )
     .await;
     let new_leader = c.wait_for_leader().await;
@@ -126,15 +136,16 @@ async fn max_size_appends_replicate_through_a_leader_kill_with_default_timing() 
         w.await.expect("writer panicked");
     }
 
-    // A storm would show as terms climbing: one failover needs one or two elections.
+    // A storm shows as terms climbing by dozens (past 41 within seconds in #18); one failover
+    // takes one election, or a few on a host this test shares with others.
     let term_after: u64 = c.status(new_leader).await.expect("status")["term"]
         .parse()
         .expect("term");
-    if term_after > term_before + 3 {
+    if term_after > term_before + 10 || std::env::var_os("DUMP").is_some() {
         dump_logs(&c);
     }
     assert!(
-        term_after <= term_before + 3,
+        term_after <= term_before + 10,
         "term went from {term_before} to {term_after}: repeated elections"
     );
     let acked = acked.lock().unwrap().clone();
@@ -145,7 +156,8 @@ async fn max_size_appends_replicate_through_a_leader_kill_with_default_timing() 
     c.restart(old_leader).await;
     check_replica(&c, old_leader, &acked, LEN).await;
     println!(
-        "{} acknowledged 5 MiB appends checked; term {term_before} -> {term_after}",
+        "{} acknowledged 5 MiB appends checked; term {term_before} -> {term_after}; \
+         first appends after the kill within {failover:?}",
         acked.len()
     );
 }
@@ -232,7 +244,16 @@ async fn a_wiped_replica_catches_up_by_snapshot_while_large_appends_run() {
 fn dump_logs(c: &LogCluster) {
     for r in &c.replicas {
         if let Some(p) = &r.proc_ {
-            eprintln!("--- replica {} ---\n{}", r.id, p.log_tail(60));
+            eprintln!(
+                "--- replica {} ---\n{}",
+                r.id,
+                p.log_tail(
+                    std::env::var("DUMP")
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(60)
+                )
+            );
         }
     }
 }

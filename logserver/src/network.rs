@@ -22,7 +22,7 @@
 //! - one call sends entries up to [`NetConfig::append_bytes`] (always at least one) and answers
 //!   `PartialSuccess` for what it sent; openraft continues from there at once;
 //! - the exchange runs in its own task with a deadline that scales with its size
-//!   (`hard_ttl + bytes / min_rate`), not openraft's; the call waits for it only until
+//!   (1 s + bytes / `min_rate`), not openraft's; the call waits for it only until
 //!   openraft's `soft_ttl`. An exchange still running then stays in flight: the call answers
 //!   `PartialSuccess` up to the last entry the follower is known to hold (or a network error
 //!   when that is no progress), and the next call first waits for the one in flight;
@@ -71,7 +71,7 @@ use crate::types::{Entry, LogId, Node, NodeId, Raft, RaftError, RpcError, TypeCo
 pub const DEFAULT_APPEND_BYTES: usize = 1024 * 1024;
 
 /// Default slowest transfer rate assumed for an exchange's deadline, bytes/s
-/// (`--raft-min-rate`). A 12 MiB entry then gets 1.5 s beyond the heartbeat: far more than
+/// (`--raft-min-rate`). A 12 MiB entry then gets 1.5 s beyond [`EXCHANGE_BASE`]: far more than
 /// loopback or a LAN needs with a follower's fdatasync, short enough that a peer that stopped
 /// reading is given up on and redialled within a couple of seconds.
 pub const DEFAULT_MIN_RATE: u64 = 8 * 1024 * 1024;
@@ -82,6 +82,12 @@ pub const DEFAULT_SNAPSHOT_CHUNK: usize = 2 * 1024 * 1024;
 /// Margin over the largest legitimate frame: postcard's per-entry and per-op framing, the
 /// snapshot's metadata, the request's vote and log ids.
 const FRAME_MARGIN: usize = 1024 * 1024;
+
+/// The part of an append exchange's deadline that does not depend on its size: a follower's
+/// fdatasync under load can take hundreds of ms, and giving up on it only means sending the
+/// same entries again. Waiting costs nothing meanwhile: heartbeats pass on their own
+/// connection and each call reports the progress made so far.
+const EXCHANGE_BASE: Duration = Duration::from_secs(1);
 
 /// A dead peer on a LAN refuses at once; a longer wait only delays noticing a partitioned one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -461,7 +467,7 @@ impl PeerClient {
         let sent_last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
 
         let rate = self.config.min_rate.max(1);
-        let deadline = option.hard_ttl()
+        let deadline = EXCHANGE_BASE
             + Duration::from_millis(
                 u64::try_from(bytes)
                     .unwrap_or(u64::MAX)
@@ -619,14 +625,14 @@ pub async fn serve(
         tokio::spawn(async move {
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = serve_peer(Framed::new(stream, codec(max_frame)), raft) => {}
+                _ = serve_peer(Framed::new(stream, codec(max_frame)), raft, max_frame) => {}
             }
         });
     }
 }
 
 /// Handles one peer's requests in order: the client never has more than one outstanding.
-async fn serve_peer(mut conn: Framed<TcpStream, LengthDelimitedCodec>, raft: Raft) {
+async fn serve_peer(mut conn: Conn, raft: Raft, max_frame: usize) {
     let peer = conn
         .get_ref()
         .peer_addr()
@@ -637,7 +643,9 @@ async fn serve_peer(mut conn: Framed<TcpStream, LengthDelimitedCodec>, raft: Raf
             Err(e) => {
                 // Resets are routine (a peer restarting); oversized frames are not.
                 if e.kind() == io::ErrorKind::InvalidData {
-                    tracing::warn!("raft connection from {peer}: {e}; closing");
+                    tracing::warn!(
+                        "raft connection from {peer}: {e} (frame cap {max_frame} bytes); closing"
+                    );
                 } else {
                     tracing::debug!("raft connection from {peer} closed: {e}");
                 }
@@ -1018,6 +1026,140 @@ mod tests {
             .await
             .expect("vote after redial");
         assert_eq!(r.vote, Vote::new(2, 1));
+    }
+
+    /// A stand-in follower that answers every append with `Success`, recording the number of
+    /// entries each carried; the first append with entries is answered after `delay`.
+    async fn recording_follower(
+        listener: TcpListener,
+        delay: Duration,
+        seen: Arc<std::sync::Mutex<Vec<usize>>>,
+    ) {
+        let delayed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (seen, delayed) = (seen.clone(), delayed.clone());
+            tokio::spawn(async move {
+                let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+                while let Some(Ok(frame)) = conn.next().await {
+                    let Ok(RaftRpc::Append(req)) = postcard::from_bytes::<RaftRpc>(&frame) else {
+                        return;
+                    };
+                    seen.lock().expect("lock").push(req.entries.len());
+                    if !req.entries.is_empty()
+                        && !delayed.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let reply: AppendReply = Ok(AppendEntriesResponse::Success);
+                    let bytes = postcard::to_stdvec(&reply).expect("encode");
+                    if conn.send(Bytes::from(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Entries 10..=12 of leader (3, 1), each carrying `len` payload bytes.
+    fn big_append(len: usize) -> AppendEntriesRequest<TypeConfig> {
+        let entry = |i| Entry {
+            log_id: log_id(3, 1, i),
+            payload: EntryPayload::Normal(Batch(vec![Op::Append {
+                client: Bytes::from_static(b"c"),
+                seq: i,
+                payload: Bytes::from(vec![b'x'; len]),
+            }])),
+        };
+        AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(log_id(3, 1, 9)),
+            entries: (10..=12).map(entry).collect(),
+            leader_commit: Some(log_id(3, 1, 9)),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_over_the_byte_budget_sends_a_prefix_and_answers_partial_success() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn(recording_follower(listener, Duration::ZERO, seen.clone()));
+        let config = NetConfig {
+            append_bytes: 250_000,
+            ..NetConfig::default()
+        };
+        let mut client = PeerClient::new(2, addr, config);
+        let opt = || RPCOption::new(Duration::from_secs(5));
+        // Three entries of 100 kB: two fit the budget.
+        let r = client
+            .append_entries(big_append(100_000), opt())
+            .await
+            .expect("append");
+        assert_eq!(
+            r,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(3, 1, 11)))
+        );
+        // openraft sends from 11 next; were it to send from 9 again, what the follower holds
+        // is trimmed rather than sent twice.
+        let r = client
+            .append_entries(big_append(100_000), opt())
+            .await
+            .expect("append");
+        assert_eq!(r, AppendEntriesResponse::Success);
+        // One entry over the budget still goes, alone: there is no smaller unit.
+        let fresh = client.addr.clone();
+        let mut client = PeerClient::new(2, fresh, client.config.clone());
+        let r = client
+            .append_entries(big_append(300_000), opt())
+            .await
+            .expect("append");
+        assert_eq!(
+            r,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(3, 1, 10)))
+        );
+        assert_eq!(*seen.lock().expect("lock"), vec![2, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_slow_append_keeps_going_heartbeats_pass_it_and_it_is_not_resent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn(recording_follower(
+            listener,
+            Duration::from_millis(400),
+            seen.clone(),
+        ));
+        let mut client = PeerClient::new(2, addr, NetConfig::default());
+        let short = || RPCOption::new(Duration::from_millis(50));
+
+        // openraft's 50 ms pass with the follower still busy: no progress to report yet.
+        let r = client.append_entries(big_append(1000), short()).await;
+        assert!(matches!(r, Err(RPCError::Network(_))), "{r:?}");
+        assert!(client.inflight.is_some());
+
+        // A heartbeat meanwhile is answered over its own connection.
+        let heartbeat = AppendEntriesRequest::<TypeConfig> {
+            entries: vec![],
+            ..big_append(0)
+        };
+        let r = client
+            .append_entries(heartbeat, short())
+            .await
+            .expect("heartbeat while the append is in flight");
+        assert_eq!(r, AppendEntriesResponse::Success);
+
+        // openraft retries the same entries; the call waits for the exchange in flight and
+        // sends nothing the follower already holds.
+        let r = client
+            .append_entries(big_append(1000), RPCOption::new(Duration::from_secs(5)))
+            .await
+            .expect("append");
+        assert_eq!(r, AppendEntriesResponse::Success);
+        assert_eq!(*seen.lock().expect("lock"), vec![3, 0, 0]);
     }
 
     /// A real single-replica Raft on the project's storage, served on a loopback port.
