@@ -74,9 +74,11 @@ fn start_writers(
         .collect()
 }
 
+/// Waits for `at_least` acknowledged appends: 60 s, plus a second for each, for soak sizes.
 async fn wait_total(total: &Arc<AtomicU64>, at_least: u64, what: &str) {
     let t = total.clone();
-    wait_until(Duration::from_secs(60), what, || {
+    let timeout = Duration::from_secs(60u64.saturating_add(at_least));
+    wait_until(timeout, what, || {
         let t = t.clone();
         async move { t.load(Ordering::SeqCst) >= at_least }
     })
@@ -101,12 +103,17 @@ async fn check_replica(c: &LogCluster, i: usize, acked: &BTreeMap<(u64, u64), u6
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_size_appends_replicate_through_a_leader_kill_with_default_timing() {
     const LEN: usize = 5 * 1024 * 1024;
+    // Appends before and after the kill; the soak runs 250 + 250 (`RAFT_LARGE_PER_PHASE`).
+    let per_phase: u64 = std::env::var("RAFT_LARGE_PER_PHASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(25);
     let mut c = LogCluster::start(&["--max-line", MAX_LINE]).await;
     let acked: Acked = Arc::default();
     let total = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let writers = start_writers(&c, 3, LEN, &acked, &total, &stop);
-    wait_total(&total, 25, "25 acknowledged 5 MiB appends").await;
+    wait_total(&total, per_phase, "acknowledged 5 MiB appends").await;
 
     let old_leader = c.wait_for_leader().await;
     let term_before: u64 = c.status(old_leader).await.expect("status")["term"]
