@@ -135,8 +135,8 @@ async fn max_size_appends_replicate_through_a_leader_kill_with_default_timing() 
     let resumed = killed_at.elapsed();
     wait_total(
         &total,
-        at_kill + 25,
-        "25 more appends after the leader kill",
+        at_kill + per_phase,
+        "more appends after the leader kill",
     )
     .await;
     stop.store(true, Ordering::SeqCst);
