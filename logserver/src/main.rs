@@ -33,7 +33,8 @@ struct Args {
     /// one replica, on the group's first start only; a replica with state ignores it.
     #[arg(long)]
     init: bool,
-    /// Leader heartbeat, ms (also the replication RPC timeout).
+    /// Leader heartbeat, ms (also openraft's deadline for each replication call; an append
+    /// that takes longer keeps going in the background, see --raft-min-rate).
     #[arg(long, default_value_t = 50)]
     heartbeat_ms: u64,
     /// Election timeout range, ms: a follower that hears no leader for this long campaigns.
@@ -57,6 +58,19 @@ struct Args {
     max_line: usize,
     #[command(flatten)]
     conn: protocol::server::ConnArgs,
+    /// Bytes of log entries per Raft AppendEntries (at least one entry is always sent).
+    #[arg(long, default_value_t = logserver::network::DEFAULT_APPEND_BYTES)]
+    raft_append_bytes: usize,
+    /// Slowest replica-to-replica transfer rate assumed, bytes/s: a Raft append of N bytes is
+    /// given up on after heartbeat + N / rate.
+    #[arg(long, default_value_t = logserver::network::DEFAULT_MIN_RATE)]
+    raft_min_rate: u64,
+    /// Bytes per snapshot chunk sent to a replica that must catch up from a snapshot.
+    #[arg(long, default_value_t = logserver::network::DEFAULT_SNAPSHOT_CHUNK)]
+    snapshot_chunk_bytes: usize,
+    /// Seconds allowed for each snapshot chunk to reach a replica and be stored.
+    #[arg(long, default_value_t = 10)]
+    snapshot_chunk_timeout_secs: u64,
     /// Testing hook: `id=addr,...` dials `addr` for Raft traffic to peer `id` instead of the
     /// address in the membership (the fault-injection tests route each link through a proxy).
     #[arg(long, default_value = "")]
@@ -87,7 +101,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat_interval: args.heartbeat_ms,
         election_timeout_min: args.election_min_ms,
         election_timeout_max: args.election_max_ms,
-        install_snapshot_timeout: 10_000,
+        install_snapshot_timeout: args.snapshot_chunk_timeout_secs.saturating_mul(1000),
+        snapshot_max_chunk_size: u64::try_from(args.snapshot_chunk_bytes)
+            .context("--snapshot-chunk-bytes")?,
         max_payload_entries: 64,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(args.snapshot_every),
         max_in_snapshot_log_to_keep: args.keep_after_snapshot,
@@ -96,6 +112,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     .validate()
     .context("invalid Raft timing options")?;
+
+    anyhow::ensure!(
+        args.raft_append_bytes > 0 && args.snapshot_chunk_bytes > 0 && args.raft_min_rate > 0,
+        "--raft-append-bytes, --snapshot-chunk-bytes and --raft-min-rate must be positive"
+    );
+    let net = logserver::network::NetConfig {
+        append_bytes: args.raft_append_bytes,
+        min_rate: args.raft_min_rate,
+        max_frame: logserver::network::max_frame(
+            args.max_line,
+            args.raft_append_bytes,
+            args.snapshot_chunk_bytes,
+        ),
+    };
+    let max_frame = net.max_frame;
 
     let log = LogStore::open(&args.data_dir.join("raft"))?;
     let pristine = log.is_pristine();
@@ -113,7 +144,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let raft: Raft = Raft::new(
         args.id,
         Arc::new(config),
-        logserver::network::Network { routes },
+        logserver::network::Network {
+            routes,
+            config: net,
+        },
         log,
         sm.clone(),
     )
@@ -124,6 +158,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         raft_listener,
         raft.clone(),
         shutdown.clone(),
+        max_frame,
     ));
 
     if args.init {

@@ -1,25 +1,51 @@
 //! Raft RPCs between replicas: postcard frames over TCP.
 //!
-//! Each message is one frame of a length-delimited codec, so a large append batch or snapshot
-//! chunk is one read, and a broken peer cannot make us buffer without bound past
-//! [`MAX_FRAME`]. A request is a [`RaftRpc`]; the reply is the receiving Raft's whole `Result`,
-//! so a remote Raft error reaches openraft as `RPCError::RemoteError` rather than being
-//! flattened into a network failure. postcard is not self-describing, which is fine here: both
-//! ends are the same binary version, and every openraft type on the wire round-trips (tested
-//! below).
+//! Each message is one frame of a length-delimited codec. A request is a [`RaftRpc`]; the reply
+//! is the receiving Raft's whole `Result`, so a remote Raft error reaches openraft as
+//! `RPCError::RemoteError` rather than being flattened into a network failure. postcard is not
+//! self-describing, which is fine here: both ends are the same binary version, and every
+//! openraft type on the wire round-trips (tested below).
 //!
-//! The client side connects lazily (openraft creates clients for peers that may not be up yet)
-//! and keeps one connection per client. openraft wraps calls in timeouts and may drop a call
-//! mid-exchange; the next call on that connection would then read the previous call's late
-//! reply. So a `busy` flag is set for the duration of an exchange, and a call that finds it
-//! still set throws the connection away and dials again. Likewise a pooled connection with
-//! anything readable before we have sent (EOF from a restarted peer, say) is replaced rather
-//! than used, so a peer's restart does not cost a failed call.
+//! **Frame cap.** Both ends refuse a frame longer than [`NetConfig::max_frame`] from its length
+//! header, before reading or reserving anything for it, and close that connection. The cap is
+//! the largest legitimate frame plus a margin: one Raft entry (a DKSP batch, at most
+//! `server::BATCH_BYTES` plus one request line), an append of [`NetConfig::append_bytes`], or a
+//! snapshot chunk, whichever is largest. Every replica must run with the same `--max-line`.
+//!
+//! **Large appends.** openraft 0.9 gives every `AppendEntries` the heartbeat interval (50 ms)
+//! as its deadline and drops the call when it passes; it reads up to `max_payload_entries`
+//! entries per call, each up to ~12 MiB. A call that cannot finish in 50 ms used to be dropped
+//! with its connection, then resent in full from the same point, and never finished: the
+//! follower heard nothing, campaigned, and its higher term deposed every leader that had to
+//! send it the same entries (an election storm that survived restarts, since the entries were
+//! in the log). So for appends:
+//! - one call sends entries up to [`NetConfig::append_bytes`] (always at least one) and answers
+//!   `PartialSuccess` for what it sent; openraft continues from there at once;
+//! - the exchange runs in its own task with a deadline that scales with its size
+//!   (1 s + bytes / `min_rate`), not openraft's; the call waits for it only until
+//!   openraft's `soft_ttl`. An exchange still running then stays in flight: the call answers
+//!   `PartialSuccess` up to the last entry the follower is known to hold (or a network error
+//!   when that is no progress), and the next call first waits for the one in flight;
+//! - entries the follower is known to hold under the same leader vote ([`PeerClient`]'s
+//!   `acked`: it answered `Success` for them, which a follower does only once they are
+//!   durable) are trimmed from the front of the next request, with `prev_log_id` moved up to
+//!   match. By Raft's log matching property that request means the same to the follower.
+//!   A follower that lost them anyway (wiped) answers `Conflict`, which clears `acked`.
+//!
+//! Heartbeats (no entries) keep the short deadline. Votes and snapshot chunks are one exchange
+//! per call within the call's `hard_ttl` (a snapshot chunk gets `install_snapshot_timeout`).
+//!
+//! The client side connects lazily (openraft creates clients for peers that may not be up
+//! yet) and keeps one connection per client, owned by whichever exchange is running. A call
+//! cancelled by openraft leaves its exchange task to finish or time out with the connection;
+//! the next call dials afresh, so it can never read the previous call's late reply. A pooled
+//! connection with anything readable before we have sent (EOF from a restarted peer, say) is
+//! replaced rather than used, so a peer's restart does not cost a failed call.
 //!
 //! Errors map to what openraft does with them:
 //! - the peer cannot be dialled (refused, connect timeout) -> `Unreachable`, which makes the
 //!   replication stream back off for [`PeerClient`]'s `backoff()` before retrying;
-//! - any failure on an established connection, an undecodable reply, or the call's `hard_ttl`
+//! - any failure on an established connection, an undecodable reply, or the deadline
 //!   expiring -> `Network`, retried on the next heartbeat over a fresh connection;
 //! - the remote Raft answered `Err` -> `RemoteError`.
 
@@ -34,16 +60,34 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::io;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio_util::sync::CancellationToken;
 
-use crate::types::{Node, NodeId, Raft, RaftError, RpcError, TypeConfig};
+use crate::types::{Entry, LogId, Node, NodeId, Raft, RaftError, RpcError, TypeConfig, Vote};
 
-/// Largest frame accepted in either direction. Append batches are at most
-/// `max_payload_entries` (64) entries of group-committed client data, and snapshot chunks are
-/// openraft's `snapshot_max_chunk_size`; this leaves ample headroom while still bounding what
-/// a confused peer can make us allocate.
-pub const MAX_FRAME: usize = 512 * 1024 * 1024;
+/// Default bytes of entries per `AppendEntries` (`--raft-append-bytes`).
+pub const DEFAULT_APPEND_BYTES: usize = 1024 * 1024;
+
+/// Default slowest transfer rate assumed for an exchange's deadline, bytes/s
+/// (`--raft-min-rate`). A 12 MiB entry then gets 1.5 s beyond [`EXCHANGE_BASE`]: far more than
+/// loopback or a LAN needs with a follower's fdatasync, short enough that a peer that stopped
+/// reading is given up on and redialled within a couple of seconds.
+pub const DEFAULT_MIN_RATE: u64 = 8 * 1024 * 1024;
+
+/// Default snapshot chunk (`--snapshot-chunk-bytes`, openraft's `snapshot_max_chunk_size`).
+pub const DEFAULT_SNAPSHOT_CHUNK: usize = 2 * 1024 * 1024;
+
+/// Margin over the largest legitimate frame: postcard's per-entry and per-op framing, the
+/// snapshot's metadata, the request's vote and log ids.
+const FRAME_MARGIN: usize = 1024 * 1024;
+
+/// The part of an append exchange's deadline that does not depend on its size: a follower's
+/// fdatasync under load can take hundreds of ms, and giving up on it only means sending the
+/// same entries again. Waiting costs nothing meanwhile: heartbeats pass on their own
+/// connection and each call reports the progress made so far.
+const EXCHANGE_BASE: Duration = Duration::from_secs(1);
 
 /// A dead peer on a LAN refuses at once; a longer wait only delays noticing a partitioned one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -51,6 +95,53 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Retry interval after `Unreachable`. openraft's default is 500 ms, which would leave a
 /// restarted replica without entries for half a second; dialling loopback or a LAN is cheap.
 const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The Raft network's limits, the same on every replica.
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// An `AppendEntries` carries entries up to this many bytes (always at least one).
+    pub append_bytes: usize,
+    /// Slowest transfer rate, bytes/s, assumed when giving an exchange its deadline.
+    pub min_rate: u64,
+    /// Largest frame accepted in either direction; see [`max_frame`].
+    pub max_frame: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            append_bytes: DEFAULT_APPEND_BYTES,
+            min_rate: DEFAULT_MIN_RATE,
+            max_frame: max_frame(
+                protocol::DEFAULT_MAX_LINE,
+                DEFAULT_APPEND_BYTES,
+                DEFAULT_SNAPSHOT_CHUNK,
+            ),
+        }
+    }
+}
+
+/// The frame cap for replicas run with these flags: the largest of one entry (a batch closes
+/// once it holds `BATCH_BYTES`, so it is below that plus one more op, and an op is at most one
+/// request line of `max_line`), one append's byte budget and one snapshot chunk, plus a margin.
+pub fn max_frame(max_line: usize, append_bytes: usize, snapshot_chunk: usize) -> usize {
+    crate::server::BATCH_BYTES
+        .saturating_add(max_line)
+        .max(append_bytes)
+        .max(snapshot_chunk)
+        .saturating_add(FRAME_MARGIN)
+}
+
+/// Bytes an entry adds to an `AppendEntries`, close enough to its postcard size to budget by.
+fn entry_bytes(e: &Entry) -> usize {
+    let payload = match &e.payload {
+        openraft::EntryPayload::Normal(batch) => batch.0.iter().map(|op| op.size()).sum(),
+        // A few node addresses.
+        openraft::EntryPayload::Membership(_) => 1024,
+        openraft::EntryPayload::Blank => 0,
+    };
+    payload + 32
+}
 
 /// One request frame. The reply frame is the postcard of the matching `Raft` method's
 /// `Result`.
@@ -61,9 +152,9 @@ pub enum RaftRpc {
     Snapshot(InstallSnapshotRequest<TypeConfig>),
 }
 
-fn codec() -> LengthDelimitedCodec {
+fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
+        .max_frame_length(max_frame)
         .new_codec()
 }
 
@@ -75,6 +166,7 @@ pub struct Network {
     /// fault-injection tests put a proxy on every replica-to-replica link, so each replica
     /// must dial its own proxy for a peer while the membership keeps the peer's real address.
     pub routes: std::collections::BTreeMap<NodeId, String>,
+    pub config: NetConfig,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -83,128 +175,392 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
         // No dialling here: this must not block or fail, and the peer may well be down.
         let addr = self.routes.get(&target).unwrap_or(&node.raft_addr).clone();
-        PeerClient {
-            target,
-            addr,
-            conn: None,
-            busy: false,
+        PeerClient::new(target, addr, self.config.clone())
+    }
+}
+
+type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+
+/// What an exchange task hands back: the connection if it is still in step, and the reply.
+type Outcome = (Option<Conn>, Result<bytes::BytesMut, Failure>);
+
+/// Why an exchange failed, before mapping to openraft's error types.
+#[derive(Debug)]
+enum Failure {
+    Unreachable(io::Error),
+    Network(io::Error),
+}
+
+impl Failure {
+    fn into_rpc<E: std::error::Error>(self) -> RpcError<E> {
+        match self {
+            Failure::Unreachable(e) => RPCError::Unreachable(Unreachable::new(&e)),
+            Failure::Network(e) => RPCError::Network(NetworkError::new(&e)),
         }
     }
+}
+
+/// An append exchange that outlived the call that started it.
+struct InFlight {
+    handle: JoinHandle<Outcome>,
+    vote: Vote,
+    /// The last entry it carries (its `prev_log_id` if none): what `Success` acknowledges.
+    last: Option<LogId>,
+    bytes: usize,
 }
 
 /// Raft RPCs to one peer over one lazily opened connection.
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    conn: Option<Framed<TcpStream, LengthDelimitedCodec>>,
-    /// Set while a request is out and its reply not yet read; see the module docs.
-    busy: bool,
+    config: NetConfig,
+    /// The idle connection, if any; an exchange takes it and gives it back.
+    conn: Option<Conn>,
+    /// The connection heartbeats use while an append holds `conn`; see [`Self::heartbeat`].
+    hb_conn: Option<Conn>,
+    /// An append still running after its call returned; see the module docs.
+    inflight: Option<InFlight>,
+    /// The follower holds the leader's log up to this id, under this leader vote.
+    acked: Option<(Vote, LogId)>,
 }
 
-/// Why an exchange failed, before mapping to openraft's error types.
-enum Failure {
-    Unreachable(io::Error),
-    Network(io::Error),
+/// Dials `addr`, sends `body` over `conn` (or a new connection) and reads one reply frame.
+async fn exchange(conn: Option<Conn>, addr: &str, body: bytes::Bytes, max_frame: usize) -> Outcome {
+    let conn = conn.and_then(|mut c| {
+        // Between exchanges a peer has nothing to say, so anything readable now is EOF, an
+        // error or junk: in practice the peer restarted. Redialling now keeps that from
+        // costing a failed call and a heartbeat interval.
+        c.next().now_or_never().is_none().then_some(c)
+    });
+    let mut conn = match conn {
+        Some(c) => c,
+        None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                // Best effort: without it heartbeats wait on Nagle, but they still work.
+                let _ = s.set_nodelay(true);
+                Framed::new(s, codec(max_frame))
+            }
+            Ok(Err(e)) => return (None, Err(Failure::Unreachable(e))),
+            Err(_) => {
+                let e = io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connecting to {addr} timed out"),
+                );
+                return (None, Err(Failure::Unreachable(e)));
+            }
+        },
+    };
+    let reply: io::Result<bytes::BytesMut> = async {
+        conn.send(body).await?;
+        match conn.next().await {
+            Some(frame) => frame,
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection",
+            )),
+        }
+    }
+    .await;
+    match reply {
+        Ok(frame) => (Some(conn), Ok(frame)),
+        // The stream may be mid-frame or out of step with us; only a new one is known good.
+        Err(e) => (None, Err(Failure::Network(e))),
+    }
 }
+
+fn decode<R: DeserializeOwned>(frame: &[u8]) -> Result<R, Failure> {
+    postcard::from_bytes(frame).map_err(|e| {
+        Failure::Network(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("undecodable reply: {e}"),
+        ))
+    })
+}
+
+type AppendReply = Result<AppendEntriesResponse<NodeId>, RaftError>;
 
 impl PeerClient {
-    /// Sends `rpc` and reads one reply frame, dialling first if there is no usable connection.
-    async fn exchange<R: DeserializeOwned>(&mut self, rpc: &RaftRpc) -> Result<R, Failure> {
-        if self.busy {
-            // The previous call was cancelled mid-exchange; its reply may still be in flight
-            // and would be taken for ours.
-            self.conn = None;
-            self.busy = false;
+    fn new(target: NodeId, addr: String, config: NetConfig) -> PeerClient {
+        PeerClient {
+            target,
+            addr,
+            config,
+            conn: None,
+            hb_conn: None,
+            inflight: None,
+            acked: None,
         }
-        if let Some(conn) = &mut self.conn {
-            // Between exchanges a peer has nothing to say, so anything readable now is EOF, an
-            // error or junk: in practice the peer restarted. Redialling now keeps that from
-            // costing a failed call and a heartbeat interval.
-            if conn.next().now_or_never().is_some() {
-                self.conn = None;
-            }
-        }
-        let body = postcard::to_stdvec(rpc).map_err(|e| Failure::Network(io::Error::other(e)))?;
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => {
-                let stream =
-                    match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
-                        .await
-                    {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => return Err(Failure::Unreachable(e)),
-                        Err(_) => {
-                            return Err(Failure::Unreachable(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                format!("connecting to {} timed out", self.addr),
-                            )))
-                        }
-                    };
-                // Best effort: without it heartbeats wait on Nagle, but they still work.
-                let _ = stream.set_nodelay(true);
-                self.conn.insert(Framed::new(stream, codec()))
-            }
-        };
-        self.busy = true;
-        let reply: io::Result<bytes::BytesMut> = async {
-            conn.send(bytes::Bytes::from(body)).await?;
-            match conn.next().await {
-                Some(frame) => frame,
-                None => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed the connection",
-                )),
-            }
-        }
-        .await;
-        self.busy = false;
-        let decoded = reply.and_then(|frame| {
-            postcard::from_bytes(&frame).map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("undecodable reply: {e}"),
-                )
-            })
-        });
-        if decoded.is_err() {
-            // The stream may be mid-frame or out of step with us; only a new one is known good.
-            self.conn = None;
-        }
-        decoded.map_err(Failure::Network)
     }
 
-    /// One RPC within the caller's deadline, errors mapped for openraft.
+    /// Starts an exchange of `rpc` over `conn` (or a new connection) in its own task, ending
+    /// it after `deadline`.
+    fn spawn(
+        &self,
+        conn: Option<Conn>,
+        rpc: &RaftRpc,
+        deadline: Duration,
+    ) -> Result<JoinHandle<Outcome>, Failure> {
+        let body = postcard::to_stdvec(rpc).map_err(|e| Failure::Network(io::Error::other(e)))?;
+        if body.len() > self.config.max_frame {
+            // Only replicas run with different --max-line get here; say so rather than let
+            // the codec's error hide it.
+            return Err(Failure::Network(io::Error::other(format!(
+                "raft frame of {} bytes to {} exceeds the {}-byte cap: are all replicas run \
+                 with the same --max-line?",
+                body.len(),
+                self.target,
+                self.config.max_frame
+            ))));
+        }
+        let addr = self.addr.clone();
+        let max_frame = self.config.max_frame;
+        Ok(tokio::spawn(async move {
+            let body = bytes::Bytes::from(body);
+            match tokio::time::timeout(deadline, exchange(conn, &addr, body, max_frame)).await {
+                Ok(outcome) => outcome,
+                Err(_) => (
+                    None,
+                    Err(Failure::Network(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("raft rpc to {addr} timed out after {deadline:?}"),
+                    ))),
+                ),
+            }
+        }))
+    }
+
+    /// Takes back a finished exchange's connection and decodes its reply.
+    fn collect<R: DeserializeOwned>(
+        &mut self,
+        joined: Result<Outcome, tokio::task::JoinError>,
+    ) -> Result<R, Failure> {
+        let (conn, frame) =
+            joined.unwrap_or_else(|e| (None, Err(Failure::Network(io::Error::other(e)))));
+        self.conn = conn;
+        let reply = frame.and_then(|f| decode(&f));
+        if reply.is_err() {
+            self.conn = None;
+        }
+        reply
+    }
+
+    /// As [`collect`](Self::collect), for an append: also records what the follower now holds.
+    fn collect_append(
+        &mut self,
+        vote: Vote,
+        last: Option<LogId>,
+        joined: Result<Outcome, tokio::task::JoinError>,
+    ) -> Result<AppendReply, Failure> {
+        let reply = self.collect::<AppendReply>(joined);
+        let held = match &reply {
+            Ok(Ok(AppendEntriesResponse::Success)) => last,
+            Ok(Ok(AppendEntriesResponse::PartialSuccess(m))) => *m,
+            Ok(Ok(AppendEntriesResponse::Conflict)) => {
+                self.acked = None;
+                None
+            }
+            _ => None,
+        };
+        if let Some(held) = held {
+            if self.acked.is_none_or(|(v, l)| v != vote || l < held) {
+                self.acked = Some((vote, held));
+            }
+        }
+        reply
+    }
+
+    /// The answer for a call whose exchange is still running: the progress the follower has
+    /// acknowledged within the call's range, if any, else a network error. (openraft's error
+    /// type is what it is; this is not a hot path.)
+    #[allow(clippy::result_large_err)]
+    fn progress_or_error(
+        &self,
+        vote: Vote,
+        prev: Option<LogId>,
+        last: Option<LogId>,
+        bytes: usize,
+        waited: Duration,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        if let Some((v, held)) = self.acked {
+            if v == vote && Some(held) > prev && Some(held) <= last {
+                return Ok(AppendEntriesResponse::PartialSuccess(Some(held)));
+            }
+        }
+        let e = io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "append of {bytes} bytes to {} still in flight after {waited:?}",
+                self.target
+            ),
+        );
+        Err(RPCError::Network(NetworkError::new(&e)))
+    }
+
+    async fn append(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        // Answer before openraft's own deadline drops us: then what we learn is not lost.
+        let waited = option.soft_ttl();
+        let until = Instant::now() + waited;
+        let vote = rpc.vote;
+        let prev = rpc.prev_log_id;
+        let last = rpc.entries.last().map(|e| e.log_id).or(prev);
+
+        if rpc.entries.is_empty()
+            && self
+                .inflight
+                .as_ref()
+                .is_some_and(|f| !f.handle.is_finished())
+        {
+            return self.heartbeat(rpc, option, until).await;
+        }
+        if let Some(mut f) = self.inflight.take() {
+            match tokio::time::timeout_at(until, &mut f.handle).await {
+                Err(_) => {
+                    let bytes = f.bytes;
+                    self.inflight = Some(f);
+                    return self.progress_or_error(vote, prev, last, bytes, waited);
+                }
+                Ok(joined) => {
+                    // Its reply answered a call that has returned; only what it tells us
+                    // about the follower is kept, and a higher vote, which holds for any call.
+                    let reply = self.collect_append(f.vote, f.last, joined);
+                    if let Ok(Ok(AppendEntriesResponse::HigherVote(higher))) = reply {
+                        if higher > vote {
+                            return Ok(AppendEntriesResponse::HigherVote(higher));
+                        }
+                    }
+                }
+            }
+        }
+
+        // Entries the follower holds from this leader need not travel again.
+        if let Some((v, held)) = self.acked {
+            if v == vote && Some(held) > rpc.prev_log_id {
+                let skip = rpc
+                    .entries
+                    .iter()
+                    .take_while(|e| e.log_id.index <= held.index)
+                    .count();
+                if skip > 0 {
+                    rpc.prev_log_id = Some(rpc.entries[skip - 1].log_id);
+                    rpc.entries.drain(..skip);
+                }
+            }
+        }
+
+        // The byte budget, always at least one entry.
+        let mut bytes = 0usize;
+        let mut keep = 0;
+        for e in &rpc.entries {
+            let b = entry_bytes(e);
+            if keep > 0 && bytes.saturating_add(b) > self.config.append_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(b);
+            keep += 1;
+        }
+        let cut = keep < rpc.entries.len();
+        rpc.entries.truncate(keep);
+        let sent_last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+
+        let rate = self.config.min_rate.max(1);
+        let deadline = EXCHANGE_BASE
+            + Duration::from_millis(
+                u64::try_from(bytes)
+                    .unwrap_or(u64::MAX)
+                    .saturating_mul(1000)
+                    / rate,
+            );
+        let conn = self.conn.take();
+        let mut handle = self
+            .spawn(conn, &RaftRpc::Append(rpc), deadline)
+            .map_err(Failure::into_rpc)?;
+        match tokio::time::timeout_at(until, &mut handle).await {
+            Err(_) => {
+                self.inflight = Some(InFlight {
+                    handle,
+                    vote,
+                    last: sent_last,
+                    bytes,
+                });
+                self.progress_or_error(vote, prev, last, bytes, waited)
+            }
+            Ok(joined) => match self.collect_append(vote, sent_last, joined) {
+                Ok(Ok(AppendEntriesResponse::Success)) if cut => {
+                    Ok(AppendEntriesResponse::PartialSuccess(sent_last))
+                }
+                // A follower that lost entries it had acknowledged (wiped) answers a trimmed
+                // request with `Conflict`; openraft takes it as a conflict at the request's
+                // original `prev_log_id`, as it would for the untrimmed request.
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(remote)) => {
+                    Err(RPCError::RemoteError(RemoteError::new(self.target, remote)))
+                }
+                Err(failure) => Err(failure.into_rpc()),
+            },
+        }
+    }
+
+    /// A heartbeat sent while an append is in flight, on a connection of its own. The append
+    /// may wait seconds for its bytes and the follower's fdatasync; the follower must still
+    /// hear from the leader within its election timeout, and its Raft core answers a heartbeat
+    /// without waiting for the disk. Raft allows the two to arrive in either order: a
+    /// heartbeat's `prev_log_id` is one the follower already acknowledged.
+    async fn heartbeat(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+        until: Instant,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
+        let (vote, prev) = (rpc.vote, rpc.prev_log_id);
+        let conn = self.hb_conn.take();
+        let mut handle = self
+            .spawn(conn, &RaftRpc::Append(rpc), option.hard_ttl())
+            .map_err(Failure::into_rpc)?;
+        let Ok(joined) = tokio::time::timeout_at(until, &mut handle).await else {
+            // Left to end by its own deadline, with its connection: the next one dials.
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("heartbeat to {} unanswered", self.target),
+            );
+            return Err(RPCError::Network(NetworkError::new(&e)));
+        };
+        // `collect_append` puts the connection back in `conn`, which the append holds.
+        let idle = self.conn.take();
+        let reply = self.collect_append(vote, prev, joined);
+        self.hb_conn = std::mem::replace(&mut self.conn, idle);
+        match reply {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
+            Err(failure) => Err(failure.into_rpc()),
+        }
+    }
+
+    /// One vote or snapshot RPC within the call's `hard_ttl`, errors mapped for openraft.
     async fn call<T, E>(&mut self, rpc: RaftRpc, option: &RPCOption) -> Result<T, RpcError<E>>
     where
         T: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let target = self.target;
-        // `RPCOption` asks the network to honour `hard_ttl`. openraft mostly wraps us in the
-        // same deadline anyway; whichever fires first, a cancelled exchange leaves `busy` set.
-        let outcome = tokio::time::timeout(
-            option.hard_ttl(),
-            self.exchange::<Result<T, RaftError<E>>>(&rpc),
-        )
-        .await;
-        match outcome {
-            Ok(Ok(Ok(v))) => Ok(v),
-            Ok(Ok(Err(remote))) => Err(RPCError::RemoteError(RemoteError::new(target, remote))),
-            Ok(Err(Failure::Unreachable(e))) => Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Ok(Err(Failure::Network(e))) => Err(RPCError::Network(NetworkError::new(&e))),
-            Err(_) => {
-                // `busy` stays set if a request was out, so the next call redials. Not
-                // `RPCError::Timeout`: that wants our own node id, which the factory lacks.
-                let e = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!(
-                        "raft rpc to {target} timed out after {:?}",
-                        option.hard_ttl()
-                    ),
-                );
-                Err(RPCError::Network(NetworkError::new(&e)))
-            }
+        // openraft uses separate clients for appends, snapshots and votes, so this does not
+        // happen; if it did, the append's connection is busy and a new one is needed.
+        if let Some(f) = self.inflight.take() {
+            f.handle.abort();
+        }
+        let conn = self.conn.take();
+        let handle = self
+            .spawn(conn, &rpc, option.hard_ttl())
+            .map_err(Failure::into_rpc)?;
+        // If openraft drops this call, the task ends by its own deadline, taking the
+        // connection with it: the next call dials afresh and cannot read this call's reply.
+        let reply = handle.await;
+        match self.collect::<Result<T, RaftError<E>>>(reply) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(remote)) => Err(RPCError::RemoteError(RemoteError::new(self.target, remote))),
+            Err(failure) => Err(failure.into_rpc()),
         }
     }
 }
@@ -215,7 +571,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcError> {
-        self.call(RaftRpc::Append(rpc), &option).await
+        self.append(rpc, &option).await
     }
 
     async fn install_snapshot(
@@ -240,8 +596,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 }
 
 /// Serves Raft RPCs from the other replicas until `shutdown` fires; connections in progress
-/// are dropped then too.
-pub async fn serve(listener: TcpListener, raft: Raft, shutdown: CancellationToken) {
+/// are dropped then too. Frames over `max_frame` close their connection unread.
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft,
+    shutdown: CancellationToken,
+    max_frame: usize,
+) {
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -264,14 +625,14 @@ pub async fn serve(listener: TcpListener, raft: Raft, shutdown: CancellationToke
         tokio::spawn(async move {
             tokio::select! {
                 _ = token.cancelled() => {}
-                _ = serve_peer(Framed::new(stream, codec()), raft) => {}
+                _ = serve_peer(Framed::new(stream, codec(max_frame)), raft, max_frame) => {}
             }
         });
     }
 }
 
 /// Handles one peer's requests in order: the client never has more than one outstanding.
-async fn serve_peer(mut conn: Framed<TcpStream, LengthDelimitedCodec>, raft: Raft) {
+async fn serve_peer(mut conn: Conn, raft: Raft, max_frame: usize) {
     let peer = conn
         .get_ref()
         .peer_addr()
@@ -282,7 +643,9 @@ async fn serve_peer(mut conn: Framed<TcpStream, LengthDelimitedCodec>, raft: Raf
             Err(e) => {
                 // Resets are routine (a peer restarting); oversized frames are not.
                 if e.kind() == io::ErrorKind::InvalidData {
-                    tracing::warn!("raft connection from {peer}: {e}; closing");
+                    tracing::warn!(
+                        "raft connection from {peer}: {e} (frame cap {max_frame} bytes); closing"
+                    );
                 } else {
                     tracing::debug!("raft connection from {peer} closed: {e}");
                 }
@@ -519,12 +882,7 @@ mod tests {
     }
 
     fn client_for(addr: &str) -> PeerClient {
-        PeerClient {
-            target: 2,
-            addr: addr.into(),
-            conn: None,
-            busy: false,
-        }
+        PeerClient::new(2, addr.into(), NetConfig::default())
     }
 
     fn free_port_addr() -> String {
@@ -556,6 +914,7 @@ mod tests {
     async fn a_route_overrides_the_membership_address_for_its_peer_only() {
         let routed = Network {
             routes: [(2, "127.0.0.1:7".to_string())].into(),
+            ..Default::default()
         };
         let mut net = routed.clone();
         assert_eq!(
@@ -576,7 +935,7 @@ mod tests {
                 return;
             };
             tokio::spawn(async move {
-                let mut conn = Framed::new(stream, codec());
+                let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
                 while let Some(Ok(frame)) = conn.next().await {
                     let Ok(RaftRpc::Vote(req)) = postcard::from_bytes::<RaftRpc>(&frame) else {
                         return;
@@ -607,12 +966,12 @@ mod tests {
         let vote = |term| VoteRequest::new(Vote::new(term, 1), None);
 
         // Cancelled by our own `hard_ttl`. The next call goes out at once, before the late
-        // reply to term 1 exists, so only `busy` can tell that the connection is out of step.
+        // reply to term 1 exists: the cancelled exchange kept its connection, so this one dials.
         let r = client
             .vote(vote(1), RPCOption::new(Duration::from_millis(50)))
             .await;
         assert!(matches!(r, Err(RPCError::Network(_))), "{r:?}");
-        assert!(client.busy);
+        assert!(client.conn.is_none());
         let r = client
             .vote(vote(2), RPCOption::new(Duration::from_secs(1)))
             .await
@@ -626,13 +985,13 @@ mod tests {
         )
         .await;
         assert!(dropped.is_err());
-        assert!(client.busy);
+        assert!(client.conn.is_none());
         let r = client
             .vote(vote(3), RPCOption::new(Duration::from_secs(1)))
             .await
             .expect("vote");
         assert_eq!(r.vote, Vote::new(3, 1));
-        assert!(!client.busy);
+        assert!(client.conn.is_some());
     }
 
     #[tokio::test]
@@ -643,7 +1002,7 @@ mod tests {
         // First connection: read the request, then hang up without replying.
         let first = tokio::spawn(async move {
             let (stream, _) = listener.accept().await.expect("accept");
-            let mut conn = Framed::new(stream, codec());
+            let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
             let _ = conn.next().await;
             drop(conn);
             listener
@@ -669,6 +1028,140 @@ mod tests {
         assert_eq!(r.vote, Vote::new(2, 1));
     }
 
+    /// A stand-in follower that answers every append with `Success`, recording the number of
+    /// entries each carried; the first append with entries is answered after `delay`.
+    async fn recording_follower(
+        listener: TcpListener,
+        delay: Duration,
+        seen: Arc<std::sync::Mutex<Vec<usize>>>,
+    ) {
+        let delayed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (seen, delayed) = (seen.clone(), delayed.clone());
+            tokio::spawn(async move {
+                let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+                while let Some(Ok(frame)) = conn.next().await {
+                    let Ok(RaftRpc::Append(req)) = postcard::from_bytes::<RaftRpc>(&frame) else {
+                        return;
+                    };
+                    seen.lock().expect("lock").push(req.entries.len());
+                    if !req.entries.is_empty()
+                        && !delayed.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
+                        tokio::time::sleep(delay).await;
+                    }
+                    let reply: AppendReply = Ok(AppendEntriesResponse::Success);
+                    let bytes = postcard::to_stdvec(&reply).expect("encode");
+                    if conn.send(Bytes::from(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// Entries 10..=12 of leader (3, 1), each carrying `len` payload bytes.
+    fn big_append(len: usize) -> AppendEntriesRequest<TypeConfig> {
+        let entry = |i| Entry {
+            log_id: log_id(3, 1, i),
+            payload: EntryPayload::Normal(Batch(vec![Op::Append {
+                client: Bytes::from_static(b"c"),
+                seq: i,
+                payload: Bytes::from(vec![b'x'; len]),
+            }])),
+        };
+        AppendEntriesRequest {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: Some(log_id(3, 1, 9)),
+            entries: (10..=12).map(entry).collect(),
+            leader_commit: Some(log_id(3, 1, 9)),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_append_over_the_byte_budget_sends_a_prefix_and_answers_partial_success() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn(recording_follower(listener, Duration::ZERO, seen.clone()));
+        let config = NetConfig {
+            append_bytes: 250_000,
+            ..NetConfig::default()
+        };
+        let mut client = PeerClient::new(2, addr, config);
+        let opt = || RPCOption::new(Duration::from_secs(5));
+        // Three entries of 100 kB: two fit the budget.
+        let r = client
+            .append_entries(big_append(100_000), opt())
+            .await
+            .expect("append");
+        assert_eq!(
+            r,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(3, 1, 11)))
+        );
+        // openraft sends from 11 next; were it to send from 9 again, what the follower holds
+        // is trimmed rather than sent twice.
+        let r = client
+            .append_entries(big_append(100_000), opt())
+            .await
+            .expect("append");
+        assert_eq!(r, AppendEntriesResponse::Success);
+        // One entry over the budget still goes, alone: there is no smaller unit.
+        let fresh = client.addr.clone();
+        let mut client = PeerClient::new(2, fresh, client.config.clone());
+        let r = client
+            .append_entries(big_append(300_000), opt())
+            .await
+            .expect("append");
+        assert_eq!(
+            r,
+            AppendEntriesResponse::PartialSuccess(Some(log_id(3, 1, 10)))
+        );
+        assert_eq!(*seen.lock().expect("lock"), vec![2, 1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_slow_append_keeps_going_heartbeats_pass_it_and_it_is_not_resent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn(recording_follower(
+            listener,
+            Duration::from_millis(400),
+            seen.clone(),
+        ));
+        let mut client = PeerClient::new(2, addr, NetConfig::default());
+        let short = || RPCOption::new(Duration::from_millis(50));
+
+        // openraft's 50 ms pass with the follower still busy: no progress to report yet.
+        let r = client.append_entries(big_append(1000), short()).await;
+        assert!(matches!(r, Err(RPCError::Network(_))), "{r:?}");
+        assert!(client.inflight.is_some());
+
+        // A heartbeat meanwhile is answered over its own connection.
+        let heartbeat = AppendEntriesRequest::<TypeConfig> {
+            entries: vec![],
+            ..big_append(0)
+        };
+        let r = client
+            .append_entries(heartbeat, short())
+            .await
+            .expect("heartbeat while the append is in flight");
+        assert_eq!(r, AppendEntriesResponse::Success);
+
+        // openraft retries the same entries; the call waits for the exchange in flight and
+        // sends nothing the follower already holds.
+        let r = client
+            .append_entries(big_append(1000), RPCOption::new(Duration::from_secs(5)))
+            .await
+            .expect("append");
+        assert_eq!(r, AppendEntriesResponse::Success);
+        assert_eq!(*seen.lock().expect("lock"), vec![3, 0, 0]);
+    }
+
     /// A real single-replica Raft on the project's storage, served on a loopback port.
     async fn served_raft() -> (tempfile::TempDir, Raft, String, CancellationToken) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -688,7 +1181,12 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
         let shutdown = CancellationToken::new();
-        tokio::spawn(serve(listener, raft.clone(), shutdown.clone()));
+        tokio::spawn(serve(
+            listener,
+            raft.clone(),
+            shutdown.clone(),
+            NetConfig::default().max_frame,
+        ));
         (dir, raft, addr, shutdown)
     }
 
@@ -698,7 +1196,7 @@ mod tests {
 
         // Garbage: the server closes that connection and keeps serving others.
         let stream = TcpStream::connect(&addr).await.expect("connect");
-        let mut raw = Framed::new(stream, codec());
+        let mut raw = Framed::new(stream, codec(NetConfig::default().max_frame));
         raw.send(Bytes::from_static(b"\xff\xff\xff\xff\xff\xffnot postcard"))
             .await
             .expect("send garbage");

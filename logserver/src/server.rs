@@ -29,7 +29,7 @@ pub const READ_MAX: u64 = 10_000;
 /// A `READ` page stops once it holds this many bytes of payload (at least one entry).
 pub const READ_BYTES: usize = 2 * 1024 * 1024;
 /// A batch closes at this many bytes of payload or this many operations.
-const BATCH_BYTES: usize = 4 * 1024 * 1024;
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 const BATCH_OPS: usize = 8192;
 /// Requests one connection may have waiting for their replies.
 const MAX_PIPELINE: usize = 4096;

@@ -48,6 +48,20 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Bytes this op adds to a Raft entry, within a few bytes of its postcard encoding (the
+    /// Raft network budgets appends by it). Matches the DKSP batcher's own count.
+    pub fn size(&self) -> usize {
+        match self {
+            Op::Append {
+                client, payload, ..
+            } => client.len() + payload.len() + 16,
+            Op::CkptChunk { data, .. } => data.len() + 16,
+            Op::CkptCommit { .. } => 32,
+        }
+    }
+}
+
 /// What a Raft entry carries: operations applied in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch(pub Vec<Op>);
