@@ -80,6 +80,16 @@ async fn a_replica_whose_disk_fills_exits_and_the_others_keep_serving_then_it_re
     seq += 1;
     let last = log.append(b"c", seq, &value).await.unwrap();
     c.wait_applied(2, last).await;
+
+    // A deliberate stop (SIGTERM) also stops Raft, but is not reported as a failure.
+    let mut p = c.replicas[2].proc_.take().unwrap();
+    let stopped = p.terminate().unwrap();
+    assert!(
+        stopped.success(),
+        "SIGTERM: {stopped:?}\n{}",
+        p.log_tail(10)
+    );
+    assert!(!p.log_tail(10).contains("not left half alive"));
 }
 
 /// `CKPT_PUT id offset <n bytes of 'x'>` on the leader.

@@ -143,8 +143,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )
     .await
     .context("starting Raft")?;
-    tokio::spawn(exit_when_raft_stops(raft.clone()));
     let shutdown = CancellationToken::new();
+    tokio::spawn(exit_when_raft_stops(raft.clone(), shutdown.clone()));
     tokio::spawn(logserver::network::serve(
         raft_listener,
         raft.clone(),
@@ -200,8 +200,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// leave it half alive (answering PING and stale READs). Exit instead, with the reason, so a
 /// supervisor or the operator sees it down and restarts it once the cause is fixed. Every
 /// acknowledged write is already on disk, so exiting loses nothing. Our own shutdown (SIGTERM)
-/// exits the process right after `raft.shutdown()`, before this task can observe it.
-async fn exit_when_raft_stops(raft: Raft) {
+/// cancels `stopping` before it shuts Raft down, and is not reported as a failure.
+async fn exit_when_raft_stops(raft: Raft, stopping: CancellationToken) {
     let mut metrics = raft.metrics();
     let why = loop {
         {
@@ -217,6 +217,9 @@ async fn exit_when_raft_stops(raft: Raft) {
             break "Raft's core is gone".to_string();
         }
     };
+    if stopping.is_cancelled() {
+        return;
+    }
     tracing::error!(
         "{why}; exiting so this replica is not left half alive (fix the cause, e.g. free disk \
          space, then start it again: it rejoins from its data)"

@@ -199,7 +199,11 @@ impl StateMachine {
     /// (first retained logical index, last applied logical index, last applied Raft log id).
     pub fn positions(&self) -> (u64, u64, Option<LogId>) {
         let d = self.read_data();
-        (d.first_index, d.next_index - 1, d.last_applied)
+        (
+            d.first_index,
+            d.next_index.saturating_sub(1),
+            d.last_applied,
+        )
     }
 
     /// The index already given to `(client, seq)`, if it was applied.
@@ -254,6 +258,10 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             payload,
         } => {
             let next = d.next_index;
+            // Checked, and decided the same way on every replica: an index is never reused.
+            let Some(after) = next.checked_add(1) else {
+                return OpResult::Rejected("the logical index space is exhausted".into());
+            };
             let cs = d.dedupe.entry(client).or_default();
             if seq < cs.floor {
                 return OpResult::Rejected(format!(
@@ -266,11 +274,11 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             cs.seqs.insert(seq, next);
             if cs.seqs.len() > DEDUPE_WINDOW {
                 if let Some((oldest, _)) = cs.seqs.pop_first() {
-                    cs.floor = oldest + 1;
+                    cs.floor = oldest.saturating_add(1);
                 }
             }
             d.entries.push_back(payload);
-            d.next_index += 1;
+            d.next_index = after;
             OpResult::Appended(next)
         }
         Op::CkptChunk { id, offset, data } => {
@@ -317,7 +325,7 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             if index >= d.next_index {
                 return OpResult::Rejected(format!(
                     "checkpoint index {index} is beyond the last entry {}",
-                    d.next_index - 1
+                    d.next_index.saturating_sub(1)
                 ));
             }
             if d.checkpoint.as_ref().is_some_and(|c| c.index > index) {
