@@ -111,12 +111,23 @@ stop() {
   done
 }
 
+# One line per service. A service that exited by itself (its pid file is still there: `stop`
+# removes it) is shown as DOWN with the last error line of its log, e.g. a log replica that
+# exited on a full disk or refused to start; one that runs but does not answer is flagged too.
 status() {
   local filter=${1:-}
   services | while read -r name port _; do
     [[ -n "$filter" && "$name" != $filter ]] && continue
     if running "$name"; then
-      echo "$name pid=$(cat "$DATA/pids/$name.pid") port=$port $(ask "$port" STATUS)"
+      reply=$(ask "$port" STATUS)
+      if [ -z "$reply" ]; then
+        echo "$name pid=$(cat "$DATA/pids/$name.pid") port=$port NOT ANSWERING (see $DATA/logs/$name.log)"
+      else
+        echo "$name pid=$(cat "$DATA/pids/$name.pid") port=$port $reply"
+      fi
+    elif [ -f "$DATA/pids/$name.pid" ]; then
+      why=$({ grep -E 'ERROR|Error:' "$DATA/logs/$name.log" 2>/dev/null || true; } | tail -n 1 | cut -c1-300)
+      echo "$name DOWN (exited by itself; \`make run\` restarts it) last error in its log: ${why:-none, see $DATA/logs/$name.log}"
     else
       echo "$name down"
     fi

@@ -376,8 +376,18 @@ impl LogCluster {
     }
 
     async fn spawn(&mut self, i: usize, init: bool) {
+        let r = &self.replicas[i];
+        let (dksp, log) = (r.dksp, self.dir.path().join(format!("log-{}.log", r.id)));
+        let mut p = self.spawn_unready(i, init, &log);
+        wait_ready(dksp, &mut p, Duration::from_secs(20)).await;
+        self.replicas[i].proc_ = Some(p);
+    }
+
+    /// Starts replica `i` logging to `log` without waiting for it to serve (for a replica
+    /// expected to refuse to start or to exit by itself). The caller owns the process.
+    pub fn spawn_unready(&self, i: usize, init: bool, log: &Path) -> Proc {
         let peers = self.peers();
-        let r = &mut self.replicas[i];
+        let r = &self.replicas[i];
         let mut args = vec![
             "--id".to_string(),
             r.id.to_string(),
@@ -396,10 +406,7 @@ impl LogCluster {
         args.extend(self.extra.iter().cloned());
         args.extend(r.extra.iter().cloned());
         std::fs::create_dir_all(&r.data_dir).expect("data dir");
-        let log = self.dir.path().join(format!("log-{}.log", r.id));
-        let mut p = Proc::spawn("logserver", &args, &log);
-        wait_ready(r.dksp, &mut p, Duration::from_secs(20)).await;
-        r.proc_ = Some(p);
+        Proc::spawn("logserver", &args, log)
     }
 
     /// kill -9 replica `i` (0-based).

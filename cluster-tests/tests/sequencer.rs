@@ -239,3 +239,63 @@ async fn corrupt_state_file_refuses_to_start() {
     let mut c = Client::connect(seq.addr).await.unwrap();
     assert!(c.next_ts().await.unwrap() > t + 1_000_000_000);
 }
+
+/// Runs `sequencer --reset-to <mark>` on `dir` and returns (success, its log).
+fn reset_to(dir: &std::path::Path, mark: u64) -> (bool, String) {
+    let log = dir.join(format!("reset-{mark}.log"));
+    let args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        dir.display().to_string(),
+        "--reset-to".into(),
+        mark.to_string(),
+    ];
+    let mut p = Proc::spawn("sequencer", &args, &log);
+    let ok = p.wait_exit(Duration::from_secs(20)).unwrap().success();
+    (ok, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+/// Asserts `NEXT` (or `NEXT n`) answers `ERR UNAVAILABLE` saying the timestamps are exhausted.
+async fn assert_exhausted(c: &mut Client, line: &[u8]) {
+    match c.call(line).await.unwrap() {
+        Response::Err(e) => {
+            assert_eq!(e.code.as_str(), "UNAVAILABLE");
+            assert!(e.message.contains("exhausted"), "message: {}", e.message);
+        }
+        r => panic!("expected ERR UNAVAILABLE ... exhausted, got {r:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_sequencer_never_wraps_past_the_last_timestamp_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // The repro: a mark of 2^64-1 leaves nothing to hand out, so it is refused.
+    let (ok, log) = reset_to(dir.path(), u64::MAX);
+    assert!(!ok, "--reset-to 2^64-1 must be refused; log: {log}");
+    assert!(log.contains("exhausted"), "log: {log}");
+
+    let (ok, log) = reset_to(dir.path(), u64::MAX - 3);
+    assert!(ok, "log: {log}");
+    let mut seq = Sequencer::start(dir.path(), &[]).await;
+    let mut c = Client::connect(seq.addr).await.unwrap();
+    assert_eq!(c.next_ts().await.unwrap(), u64::MAX - 2);
+    // A block that would cross the end is refused whole, not handed out in part.
+    assert_exhausted(&mut c, b"NEXT 3").await;
+    assert_eq!(c.next_ts().await.unwrap(), u64::MAX - 1);
+    assert_eq!(c.next_ts().await.unwrap(), u64::MAX);
+    for _ in 0..3 {
+        assert_exhausted(&mut c, b"NEXT").await;
+    }
+    // The connection stays fine.
+    assert_eq!(c.call(b"PING").await.unwrap(), Response::Pong);
+
+    seq.crash_and_restart().await;
+    let mut c = Client::connect(seq.addr).await.unwrap();
+    assert_exhausted(&mut c, b"NEXT").await;
+    assert_exhausted(&mut c, b"NEXT 1").await;
+    match c.call(b"CURRENT").await.unwrap() {
+        Response::Ts { first, .. } => assert_eq!(first, u64::MAX),
+        r => panic!("CURRENT: {r:?}"),
+    }
+}

@@ -87,6 +87,11 @@ struct Inner {
     vote: Option<Vote>,
     committed: Option<LogId>,
     committed_file: Option<File>,
+    /// Testing hook (`--fail-writes-after-bytes`): once this many bytes of records have been
+    /// written by this process, every further log write fails with ENOSPC, as on a full disk.
+    fail_writes_after: Option<u64>,
+    /// Bytes of records written to segments by this process.
+    written: u64,
 }
 
 /// The log store. Clones share one log (openraft's log reader is a clone).
@@ -168,7 +173,7 @@ impl LogStore {
                     continue;
                 }
                 if let Some((&prev, _)) = entries.last_key_value() {
-                    if index != prev + 1 {
+                    if u64::checked_add(prev, 1) != Some(index) {
                         return Err(LogStoreError::Invalid {
                             path,
                             why: format!(
@@ -243,6 +248,8 @@ impl LogStore {
                 vote,
                 committed,
                 committed_file: Some(committed_file),
+                fail_writes_after: None,
+                written: 0,
             })),
         })
     }
@@ -279,6 +286,18 @@ impl LogStore {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Testing hook: makes every log write after `bytes` more bytes of records fail with
+    /// ENOSPC ("No space left on device"), to test what a full disk does without filling one.
+    pub fn fail_writes_after_bytes(&self, bytes: u64) {
+        let mut g = self.lock();
+        g.fail_writes_after = Some(g.written.saturating_add(bytes));
+    }
+
+    /// True if the vote file is present (a vote was ever saved).
+    pub fn has_vote(&self) -> bool {
+        self.lock().vote.is_some()
     }
 
     /// True if nothing was ever written: no vote, no entries, nothing purged. Used to decide
@@ -614,9 +633,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         // Overwriting: openraft truncates first, but be safe about it.
                         flush_buf(&mut g, &mut buf, &mut to_sync).map_err(write_err)?;
                         g.truncate_from(index).map_err(write_err)?;
-                        g.last_index().is_some_and(|l| l + 1 == index)
+                        g.last_index()
+                            .is_some_and(|l| l.checked_add(1) == Some(index))
                     }
-                    Some(last) => last + 1 == index,
+                    Some(last) => last.checked_add(1) == Some(index),
                     None => false,
                 };
                 let active_full = g
@@ -692,7 +712,13 @@ fn flush_buf(
     let Some((first, file)) = g.active.clone() else {
         return Err(io::Error::other("no active segment"));
     };
+    let written = g.written.saturating_add(buf.len() as u64);
+    if g.fail_writes_after.is_some_and(|limit| written > limit) {
+        const ENOSPC: i32 = 28;
+        return Err(io::Error::from_raw_os_error(ENOSPC));
+    }
     (&*file).write_all(buf)?;
+    g.written = written;
     if let Some(seg) = g.segments.get_mut(&first) {
         seg.len += buf.len() as u64;
     }

@@ -71,6 +71,15 @@ struct Args {
     /// Seconds allowed for each snapshot chunk to reach a replica and be stored.
     #[arg(long, default_value_t = 10)]
     snapshot_chunk_timeout_secs: u64,
+    /// Largest checkpoint a client may upload, MiB. Every replica holds the upload in
+    /// memory (staged) and in its Raft log until it is committed; a chunk past this answers
+    /// `ERR TOO_LARGE`. A 1M-key kvstore makes a checkpoint of about 115 MB.
+    #[arg(long, default_value_t = 1024)]
+    max_checkpoint_mib: u64,
+    /// Testing hook: after this many bytes of Raft log records, every log write fails with
+    /// ENOSPC, as on a full disk.
+    #[arg(long, hide = true)]
+    fail_writes_after_bytes: Option<u64>,
     /// Testing hook: `id=addr,...` dials `addr` for Raft traffic to peer `id` instead of the
     /// address in the membership (the fault-injection tests route each link through a proxy).
     #[arg(long, default_value = "")]
@@ -130,6 +139,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let log = LogStore::open(&args.data_dir.join("raft"))?;
     let pristine = log.is_pristine();
+    // openraft saves the vote before it accepts any entry or snapshot from a leader, so Raft
+    // state without a vote means the vote file was lost. Starting would let this replica vote
+    // again in a term it already voted in: two leaders in one term. Refuse (crash-only).
+    let snapshot_path = args.data_dir.join("snapshot");
+    if !log.has_vote() && (!pristine || snapshot_path.exists()) {
+        anyhow::bail!(
+            "{}: the vote file is missing but this replica holds Raft state (log entries, a \
+             purge record or {}); refusing to start, as it could vote twice in one term and let \
+             two leaders be elected. To rebuild this replica from the others, stop it, move \
+             {} away (or wipe it) and start it again empty: it rejoins as a new copy",
+            args.data_dir.join("raft").join("vote").display(),
+            snapshot_path.display(),
+            args.data_dir.display()
+        );
+    }
     let sm = StateMachine::open(&args.data_dir)
         .with_context(|| format!("loading the snapshot in {}", args.data_dir.display()))?;
 
@@ -140,6 +164,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.raft_listen))?;
 
+    if let Some(bytes) = args.fail_writes_after_bytes {
+        tracing::warn!("testing hook: Raft log writes fail with ENOSPC after {bytes} bytes");
+        log.fail_writes_after_bytes(bytes);
+    }
     let raft_addr = raft_listener.local_addr()?;
     let raft: Raft = Raft::new(
         args.id,
@@ -154,6 +182,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await
     .context("starting Raft")?;
     let shutdown = CancellationToken::new();
+    tokio::spawn(exit_when_raft_stops(raft.clone(), shutdown.clone()));
     tokio::spawn(logserver::network::serve(
         raft_listener,
         raft.clone(),
@@ -182,6 +211,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         raft: raft.clone(),
         sm,
         batcher: Batcher::start(raft.clone(), args.max_inflight),
+        max_checkpoint_bytes: args.max_checkpoint_mib.saturating_mul(1024 * 1024),
     });
     tracing::info!(
         "logserver {} serving DKSP on {}, Raft on {}, data in {}",
@@ -202,6 +232,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = serving.await;
     let _ = raft.shutdown().await;
     Ok(())
+}
+
+/// Crash-only: once openraft's core stops by itself (a storage error such as a full disk, or
+/// any other fatal error), this replica can no longer take part in Raft, and staying up would
+/// leave it half alive (answering PING and stale READs). Exit instead, with the reason, so a
+/// supervisor or the operator sees it down and restarts it once the cause is fixed. Every
+/// acknowledged write is already on disk, so exiting loses nothing. Our own shutdown (SIGTERM)
+/// cancels `stopping` before it shuts Raft down, and is not reported as a failure.
+async fn exit_when_raft_stops(raft: Raft, stopping: CancellationToken) {
+    let mut metrics = raft.metrics();
+    let why = loop {
+        {
+            let m = metrics.borrow_and_update();
+            if let Err(fatal) = &m.running_state {
+                break format!("Raft stopped: {fatal}");
+            }
+            if m.state == openraft::ServerState::Shutdown {
+                break "Raft shut down".to_string();
+            }
+        }
+        if metrics.changed().await.is_err() {
+            break "Raft's core is gone".to_string();
+        }
+    };
+    if stopping.is_cancelled() {
+        return;
+    }
+    tracing::error!(
+        "{why}; exiting so this replica is not left half alive (fix the cause, e.g. free disk \
+         space, then start it again: it rejoins from its data)"
+    );
+    std::process::exit(3);
 }
 
 /// `--raft-route`: `id=addr,...`.

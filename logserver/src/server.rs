@@ -190,6 +190,10 @@ pub struct LogServer {
     pub raft: Raft,
     pub sm: StateMachine,
     pub batcher: Batcher,
+    /// `--max-checkpoint-mib` in bytes: a `CKPT_PUT` chunk whose end would pass this is
+    /// refused `ERR TOO_LARGE` (checked on the leader before proposing, so the staged upload
+    /// every replica holds in memory stays within it plus the chunks already in flight).
+    pub max_checkpoint_bytes: u64,
 }
 
 impl LogServer {
@@ -416,7 +420,17 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
             if let Err(r) = srv.check_leader() {
                 return ready(r);
             }
-            let end = offset + data.len() as u64;
+            // Checked: `offset` comes from the client.
+            let end = offset.checked_add(data.len() as u64);
+            let Some(end) = end.filter(|&e| e <= srv.max_checkpoint_bytes) else {
+                return ready(Response::err(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "checkpoint upload would pass {} bytes (--max-checkpoint-mib)",
+                        srv.max_checkpoint_bytes
+                    ),
+                ));
+            };
             let op = Op::CkptChunk { id, offset, data };
             Reply::Waiting(srv.batcher.submit(op, Render::CkptPut { end }).await)
         }

@@ -51,10 +51,78 @@ pub struct Checkpoint {
     pub data: Bytes,
 }
 
+/// A checkpoint upload in progress. The chunks are kept as the `Bytes` the log entries carry,
+/// so staging shares memory with the in-memory Raft log instead of copying every chunk into a
+/// growing `Vec` (which, with its doubling, held up to twice the upload again). They are joined
+/// once, at `CKPT_COMMIT`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Staging {
     id: u64,
-    data: Vec<u8>,
+    #[serde(with = "chunks_as_bytes")]
+    data: Chunks,
+}
+
+/// The staged chunks, in order, and their total length.
+#[derive(Debug, Clone, Default)]
+struct Chunks {
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Chunks {
+    fn push(&mut self, b: Bytes) {
+        self.len = self.len.saturating_add(b.len());
+        if !b.is_empty() {
+            self.parts.push(b);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn crc32c(&self) -> u32 {
+        self.parts
+            .iter()
+            .fold(0, |crc, p| crc32c::crc32c_append(crc, p))
+    }
+
+    /// One contiguous buffer (no copy if there is a single chunk).
+    fn join(self) -> Bytes {
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut out = Vec::with_capacity(self.len);
+                for p in &self.parts {
+                    out.extend_from_slice(p);
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+}
+
+/// Snapshots store the staged bytes as one byte string, exactly as the `Vec<u8>` this used to
+/// be (postcard writes both as a length and the bytes), so existing snapshot files stay readable.
+mod chunks_as_bytes {
+    use super::Chunks;
+    use bytes::Bytes;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(c: &Chunks, s: S) -> Result<S::Ok, S::Error> {
+        let mut all = Vec::with_capacity(c.len);
+        for p in &c.parts {
+            all.extend_from_slice(p);
+        }
+        s.serialize_bytes(&all)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Chunks, D::Error> {
+        let mut c = Chunks::default();
+        c.push(Bytes::deserialize(d)?);
+        Ok(c)
+    }
 }
 
 /// Everything a snapshot holds.
@@ -199,7 +267,11 @@ impl StateMachine {
     /// (first retained logical index, last applied logical index, last applied Raft log id).
     pub fn positions(&self) -> (u64, u64, Option<LogId>) {
         let d = self.read_data();
-        (d.first_index, d.next_index - 1, d.last_applied)
+        (
+            d.first_index,
+            d.next_index.saturating_sub(1),
+            d.last_applied,
+        )
     }
 
     /// The index already given to `(client, seq)`, if it was applied.
@@ -254,6 +326,10 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             payload,
         } => {
             let next = d.next_index;
+            // Checked, and decided the same way on every replica: an index is never reused.
+            let Some(after) = next.checked_add(1) else {
+                return OpResult::Rejected("the logical index space is exhausted".into());
+            };
             let cs = d.dedupe.entry(client).or_default();
             if seq < cs.floor {
                 return OpResult::Rejected(format!(
@@ -266,25 +342,24 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             cs.seqs.insert(seq, next);
             if cs.seqs.len() > DEDUPE_WINDOW {
                 if let Some((oldest, _)) = cs.seqs.pop_first() {
-                    cs.floor = oldest + 1;
+                    cs.floor = oldest.saturating_add(1);
                 }
             }
             d.entries.push_back(payload);
-            d.next_index += 1;
+            d.next_index = after;
             OpResult::Appended(next)
         }
         Op::CkptChunk { id, offset, data } => {
             if offset == 0 {
                 // A new upload replaces any abandoned one.
-                d.staging = Some(Staging {
-                    id,
-                    data: data.to_vec(),
-                });
+                let mut chunks = Chunks::default();
+                chunks.push(data);
+                d.staging = Some(Staging { id, data: chunks });
                 return OpResult::Done;
             }
             match &mut d.staging {
                 Some(s) if s.id == id && s.data.len() as u64 == offset => {
-                    s.data.extend_from_slice(&data);
+                    s.data.push(data);
                     OpResult::Done
                 }
                 Some(s) if s.id == id => OpResult::Rejected(format!(
@@ -311,13 +386,13 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
                     s.data.len()
                 ));
             }
-            if crc32c::crc32c(&s.data) != crc {
+            if s.data.crc32c() != crc {
                 return OpResult::Rejected(format!("checkpoint {id} fails its CRC"));
             }
             if index >= d.next_index {
                 return OpResult::Rejected(format!(
                     "checkpoint index {index} is beyond the last entry {}",
-                    d.next_index - 1
+                    d.next_index.saturating_sub(1)
                 ));
             }
             if d.checkpoint.as_ref().is_some_and(|c| c.index > index) {
@@ -331,7 +406,7 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
                 id,
                 index,
                 crc,
-                data: Bytes::from(staged.data),
+                data: staged.data.join(),
             });
             if index >= d.first_index {
                 let drop_n = (index + 1 - d.first_index) as usize;
@@ -579,5 +654,36 @@ mod tests {
         assert!(matches!(append(&mut d, 1, b"a"), OpResult::Duplicate(1)));
         assert_eq!(d.next_index, 4);
         assert_eq!(d.entries.len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod staging_tests {
+    use super::*;
+
+    /// The layout snapshots used when the staged bytes were one `Vec<u8>`.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct OldStaging {
+        id: u64,
+        data: Vec<u8>,
+    }
+
+    #[test]
+    fn staged_chunks_are_stored_in_snapshots_exactly_as_the_old_contiguous_bytes() {
+        let mut data = Chunks::default();
+        for part in [&b"hello "[..], b"", b"checkpoint", b" world"] {
+            data.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(data.len(), 22);
+        assert_eq!(data.crc32c(), crc32c::crc32c(b"hello checkpoint world"));
+        let new = postcard::to_allocvec(&Staging { id: 7, data }).unwrap();
+        let old = OldStaging {
+            id: 7,
+            data: b"hello checkpoint world".to_vec(),
+        };
+        assert_eq!(new, postcard::to_allocvec(&old).unwrap());
+        let back: Staging = postcard::from_bytes(&postcard::to_allocvec(&old).unwrap()).unwrap();
+        assert_eq!(back.id, 7);
+        assert_eq!(&back.data.join()[..], b"hello checkpoint world");
     }
 }

@@ -25,7 +25,7 @@ struct Args {
     #[command(flatten)]
     conn: protocol::server::ConnArgs,
     /// Write this reserved mark and exit (recovery from a corrupt state file). Refused if a
-    /// readable mark is higher.
+    /// readable mark is higher, or if it is 2^64-1 (no timestamp would be left to hand out).
     #[arg(long)]
     reset_to: Option<u64>,
 }
@@ -41,6 +41,11 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let state = StateFile::open(&args.data_dir)?;
     if let Some(mark) = args.reset_to {
+        anyhow::ensure!(
+            mark < u64::MAX,
+            "refusing --reset-to {mark}: timestamps are handed out above the mark and {mark} is \
+             the last one, so the sequencer would start exhausted"
+        );
         if let Ok(old) = state.load() {
             anyhow::ensure!(
                 old <= mark,
@@ -52,6 +57,12 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let oracle = Oracle::start(state, args.window)?;
+    if oracle.current() == u64::MAX {
+        tracing::error!(
+            "the timestamp space is exhausted (mark is 2^64-1): every NEXT will answer \
+             ERR UNAVAILABLE; the store needs a new timestamp domain (a fresh cluster)"
+        );
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;

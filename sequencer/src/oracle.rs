@@ -1,11 +1,15 @@
 //! Handing out timestamps from a durably reserved window.
 //!
-//! `next` is the next timestamp to hand out and `durable` the persisted mark: every timestamp
+//! `issued` is the highest timestamp handed out and `durable` the persisted mark: every timestamp
 //! handed out is `<= durable`. Handing out is a few instructions under a mutex; persisting is
 //! done by a background task that raises the mark by a whole window at a time, started when half
 //! the window is used, so in steady state no request waits for an fsync. A request that would
 //! cross the mark (a burst, or a large `NEXT n`) waits for the persist in flight. After a crash
 //! the oracle restarts at `durable + 1`, skipping at most one window of never-issued timestamps.
+//!
+//! The timestamp space ends at `u64::MAX`: all arithmetic on timestamps is checked, and once
+//! `u64::MAX` has been handed out (or the mark is `u64::MAX`, so it may have been) every request
+//! fails with [`OracleError::Exhausted`]. It never wraps to 0, which would reissue timestamps.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
@@ -16,13 +20,14 @@ use crate::state::{StateError, StateFile};
 pub enum OracleError {
     #[error("cannot reserve timestamps: {0}")]
     Persist(String),
-    #[error("timestamp space exhausted")]
+    #[error("timestamps exhausted (the last possible timestamp, 2^64-1, is reserved or issued)")]
     Exhausted,
 }
 
 struct Inner {
-    /// Next timestamp to hand out. Timestamps start at 1; 0 means "none".
-    next: u64,
+    /// Highest timestamp handed out (or, after a restart, possibly handed out by the previous
+    /// run). Timestamps start at 1; 0 means "none". The next one is `issued + 1`, checked.
+    issued: u64,
     /// Highest timestamp that may be handed out: the persisted mark.
     durable: u64,
     /// Mark the persist task should reach; above `durable` while a persist is wanted.
@@ -48,7 +53,7 @@ impl Oracle {
         let durable = state.load()?;
         let oracle = Arc::new(Oracle {
             inner: Mutex::new(Inner {
-                next: durable.saturating_add(1),
+                issued: durable,
                 durable,
                 target: durable,
                 attempts: 0,
@@ -77,13 +82,14 @@ impl Oracle {
             tokio::pin!(waiter);
             {
                 let mut s = self.lock();
+                // Both checked: past u64::MAX there is nothing left to hand out, ever.
+                let first = s.issued.checked_add(1).ok_or(OracleError::Exhausted)?;
                 let last = s
-                    .next
-                    .checked_add(n.saturating_sub(1))
+                    .issued
+                    .checked_add(n.max(1))
                     .ok_or(OracleError::Exhausted)?;
                 if last <= s.durable {
-                    let first = s.next;
-                    s.next = last + 1;
+                    s.issued = last;
                     // Start raising the mark once half the window is used.
                     if s.durable - last < self.window / 2 {
                         self.want(&mut s, 0);
@@ -107,7 +113,9 @@ impl Oracle {
 
     /// Asks the persist task for a mark covering `extra` more timestamps plus a window.
     fn want(&self, s: &mut Inner, extra: u64) {
-        let goal = s.next.saturating_add(extra).saturating_add(self.window);
+        // Saturating: near the end of the space the mark stops at u64::MAX, which is still a
+        // valid (and the last) timestamp.
+        let goal = s.issued.saturating_add(extra).saturating_add(self.window);
         if goal > s.target {
             s.target = goal;
             self.wanted.notify_one();
@@ -117,13 +125,13 @@ impl Oracle {
     /// The highest timestamp handed out so far (after a restart: the inherited mark, an upper
     /// bound of what the previous run may have handed out).
     pub fn current(&self) -> u64 {
-        self.lock().next - 1
+        self.lock().issued
     }
 
     /// (current, durable mark, window) for STATUS.
     pub fn stats(&self) -> (u64, u64, u64) {
         let s = self.lock();
-        (s.next - 1, s.durable, self.window)
+        (s.issued, s.durable, self.window)
     }
 }
 
@@ -143,7 +151,7 @@ async fn persist_loop(o: Arc<Oracle>) {
         let state = o.state.clone();
         let result = tokio::task::spawn_blocking(move || state.store(goal)).await;
         let mut s = o.lock();
-        s.attempts += 1;
+        s.attempts = s.attempts.saturating_add(1);
         match result {
             Ok(Ok(())) => {
                 s.durable = s.durable.max(goal);
