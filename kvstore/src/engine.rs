@@ -667,7 +667,7 @@ impl Engine {
     /// with applying. Returns (last index applied, entries applied).
     async fn replay(&self, from: u64, epoch: &mut u64) -> Result<(u64, u64), String> {
         let mut pages = prefetch_pages(self.cfg.log.clone(), from);
-        let mut last = from - 1;
+        let mut last = from.saturating_sub(1);
         let mut count = 0;
         while let Some(page) = pages.recv().await {
             for (i, bytes, records) in page? {
@@ -736,7 +736,10 @@ impl Engine {
         self.set_mode(Mode::Replaying { done: index, total });
         let started = std::time::Instant::now();
         let commits_before = self.commits.load(Ordering::Relaxed);
-        let replayed = self.replay(index + 1, &mut seen_epoch).await?;
+        let after = index
+            .checked_add(1)
+            .ok_or_else(|| format!("log index {index} has no successor"))?;
+        let replayed = self.replay(after, &mut seen_epoch).await?;
         index = replayed.0.max(index);
         let took = started.elapsed().as_secs_f64();
         let commits = self.commits.load(Ordering::Relaxed) - commits_before;
@@ -759,8 +762,11 @@ impl Engine {
             .append(client.as_bytes(), 0, &payload)
             .await
             .map_err(|e| e.to_string())?;
-        if at > index + 1 {
-            let mut next = index + 1;
+        let after = index
+            .checked_add(1)
+            .ok_or_else(|| format!("log index {index} has no successor"))?;
+        if at > after {
+            let mut next = after;
             self.read_gap(log, &mut next, at - 1, &mut seen_epoch)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -826,7 +832,9 @@ impl Engine {
                 let records =
                     Record::parse_entry(&payload).map_err(|e| GapError::Unreadable(i, e))?;
                 self.apply_counted(records, payload.len(), epoch);
-                *next = i + 1;
+                *next = i
+                    .checked_add(1)
+                    .ok_or_else(|| GapError::Unreadable(i, "an index with no successor".into()))?;
             }
         }
         Ok(())
@@ -866,7 +874,7 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
             let Some(&(last, _)) = page.last() else {
                 return;
             };
-            next = last + 1;
+            let after = last.checked_add(1);
             let parsed: Page = page
                 .into_iter()
                 .map(|(i, payload)| Ok((i, payload.len(), Record::parse_entry(&payload)?)))
@@ -874,6 +882,13 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
             if tx.send(parsed).await.is_err() {
                 return;
             }
+            let Some(after) = after else {
+                let _ = tx
+                    .send(Err(format!("log index {last} has no successor")))
+                    .await;
+                return;
+            };
+            next = after;
         }
     });
     rx

@@ -107,7 +107,9 @@ async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Ended, St
                 if let Some(newer) = Record::epochs(&payload).find(|&x| x > epoch) {
                     return Ok(Ended::Newer(newer));
                 }
-                *cursor = index + 1;
+                *cursor = index
+                    .checked_add(1)
+                    .ok_or_else(|| format!("log index {index} has no successor"))?;
             }
             Response::Err(err) if err.code == ErrorCode::Compacted => {
                 let first = err
