@@ -60,6 +60,13 @@ const LINGER: Duration = Duration::from_millis(500);
 /// free memory to the OS (see `server::reclaim_memory`).
 pub(crate) static RELEASED: AtomicUsize = AtomicUsize::new(0);
 
+/// Tells the server's memory reclaimer that `bytes` of a spike were freed outside the read
+/// buffers (a server's own buffered transaction writes, say), so it gives them back to the OS
+/// as it does for read buffers.
+pub fn note_freed(bytes: usize) {
+    RELEASED.fetch_add(bytes, Ordering::Relaxed);
+}
+
 /// The bytes all connections of a server may hold in enlarged read buffers (partial lines).
 #[derive(Debug)]
 pub struct ReadBudget {
