@@ -79,27 +79,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(binary: &str, args: &[String], log: &Path) -> Proc {
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("opening log file");
-        let child = Command::new(bin(binary))
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {binary}: {e}"));
-        Proc {
-            child: Some(child),
-            name: binary.to_string(),
-            log: log.to_path_buf(),
-        }
+        Proc::start(Proc::command(binary, args, log), binary, log)
     }
 
     /// [`spawn`](Self::spawn) with the soft open-file limit of the child set to `soft` (the
@@ -107,17 +87,7 @@ impl Proc {
     #[cfg(unix)]
     pub fn spawn_with_nofile(binary: &str, args: &[String], log: &Path, soft: u64) -> Proc {
         use std::os::unix::process::CommandExt;
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("opening log file");
-        let mut cmd = Command::new(bin(binary));
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
+        let mut cmd = Proc::command(binary, args, log);
         // SAFETY: between fork and exec only setrlimit, which is async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
@@ -135,6 +105,29 @@ impl Proc {
                 Ok(())
             });
         }
+        Proc::start(cmd, binary, log)
+    }
+
+    /// The command every spawn runs: the binary with `args`, stderr appended to `log`.
+    fn command(binary: &str, args: &[String], log: &Path) -> Command {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("opening log file");
+        let mut cmd = Command::new(bin(binary));
+        cmd.args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        cmd
+    }
+
+    fn start(mut cmd: Command, binary: &str, log: &Path) -> Proc {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {binary}: {e}"));
@@ -324,6 +317,23 @@ pub struct LogCluster {
 }
 
 impl LogCluster {
+    /// Every entry of replica `i`, read in pages.
+    pub async fn read_all(&self, i: usize) -> Vec<(u64, bytes::Bytes)> {
+        let mut client = protocol::Client::connect(self.replicas[i].dksp)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = client.read_log(from, Some(1000)).await.unwrap();
+            let Some(&(last, _)) = page.last() else {
+                return out;
+            };
+            from = last + 1;
+            out.extend(page);
+        }
+    }
+
     /// Starts three replicas (replica 1 with `--init`) and waits for a leader.
     pub async fn start(extra: &[&str]) -> LogCluster {
         let mut c = LogCluster::new(extra);

@@ -377,16 +377,9 @@ fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
-/// SCAN streams: a client that asks for a 32 MB range and never reads holds its snapshot
-/// (the scan is under way, not materialised), adds far less than the result to the server's
-/// memory, does not keep other clients from being answered, and once its snapshot is older
-/// than the age limit gets the rows sent so far and then one ERR line.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
-    let sys = System::start(&["--max-snapshot-age-secs", "4"]).await;
-    let addr = sys.kv_addr;
-    let pid = sys.kv.as_ref().and_then(|p| p.pid()).expect("kvstore pid");
-    let n = 4000usize;
+/// Writes `n` keys `scan00000`.. of 8 KiB each (32 MB for 4,000), pipelined 500 at a time.
+/// Returns the value written.
+async fn load_scan_keys(addr: std::net::SocketAddr, n: usize) -> String {
     let value = "s".repeat(8 * 1024);
     let mut w = Client::connect(addr).await.unwrap();
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
@@ -398,6 +391,20 @@ async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
             assert_eq!(w.recv().await.unwrap(), Response::ok());
         }
     }
+    value
+}
+
+/// SCAN streams: a client that asks for a 32 MB range and never reads holds its snapshot
+/// (the scan is under way, not materialised), adds far less than the result to the server's
+/// memory, does not keep other clients from being answered, and once its snapshot is older
+/// than the age limit gets the rows sent so far and then one ERR line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_to_a_reader_that_never_reads_streams_and_holds_up_no_one() {
+    let sys = System::start(&["--max-snapshot-age-secs", "4"]).await;
+    let addr = sys.kv_addr;
+    let pid = sys.kv.as_ref().and_then(|p| p.pid()).expect("kvstore pid");
+    let n = 4000usize;
+    let value = load_scan_keys(addr, n).await;
     let before = rss_bytes(pid);
     let mut reader = Client::connect(addr).await.unwrap();
     reader.send(b"SCAN scan scan~");
@@ -467,17 +474,7 @@ async fn a_scan_longer_than_the_idle_timeout_does_not_time_its_transaction_out()
     let sys = System::start(&["--txn-timeout-secs", "1", "--max-snapshot-age-secs", "600"]).await;
     let addr = sys.kv_addr;
     let n = 4000usize;
-    let value = "s".repeat(8 * 1024);
-    let mut w = Client::connect(addr).await.unwrap();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        for i in chunk {
-            w.send(format!("PUT scan{i:05} {value}").as_bytes());
-        }
-        w.flush().await.unwrap();
-        for _ in chunk {
-            assert_eq!(w.recv().await.unwrap(), Response::ok());
-        }
-    }
+    let value = load_scan_keys(addr, n).await;
     let mut reader = Client::connect(addr).await.unwrap();
     reader.begin().await.unwrap();
     reader.send(b"SCAN scan scan~");

@@ -9,21 +9,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Every entry of replica `i`, read in pages.
-async fn read_all(c: &LogCluster, i: usize) -> Vec<(u64, Bytes)> {
-    let mut client = Client::connect(c.replicas[i].dksp).await.unwrap();
-    let mut out = Vec::new();
-    let mut from = 1;
-    loop {
-        let page = client.read_log(from, Some(1000)).await.unwrap();
-        let Some(&(last, _)) = page.last() else {
-            return out;
-        };
-        from = last + 1;
-        out.extend(page);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_replicate_to_every_replica_in_order() {
     let c = LogCluster::start(&[]).await;
@@ -39,7 +24,7 @@ async fn appends_replicate_to_every_replica_in_order() {
     assert_eq!(log.append(b"writer", 7, b"entry 7").await.unwrap(), 7);
     for i in 0..3 {
         c.wait_applied(i, 200).await;
-        let entries = read_all(&c, i).await;
+        let entries = c.read_all(i).await;
         assert_eq!(entries.len(), 200, "replica {}", i + 1);
         for (n, (idx, payload)) in entries.iter().enumerate() {
             assert_eq!(*idx, n as u64 + 1);
@@ -74,7 +59,7 @@ async fn pipelined_appends_enter_the_log_in_the_order_sent() {
             r => panic!("append {seq}: {r:?}"),
         }
     }
-    let entries = read_all(&c, leader).await;
+    let entries = c.read_all(leader).await;
     let payloads: Vec<Bytes> = entries.into_iter().map(|(_, p)| p).collect();
     let expected: Vec<Bytes> = (1..=n).map(|s| Bytes::from(format!("p{s}"))).collect();
     assert_eq!(payloads, expected);
@@ -192,7 +177,7 @@ async fn leader_kill_under_load_loses_and_duplicates_nothing() {
     let last = *acked.values().max().unwrap();
     for i in 0..3 {
         c.wait_applied(i, last).await;
-        let entries = read_all(&c, i).await;
+        let entries = c.read_all(i).await;
         let mut seen: HashMap<Bytes, u64> = HashMap::new();
         for (idx, payload) in &entries {
             if let Some(prev) = seen.insert(payload.clone(), *idx) {
@@ -224,7 +209,7 @@ async fn full_restart_keeps_the_same_log() {
     for i in 0..3 {
         c.wait_applied(i, 100).await;
     }
-    let before = read_all(&c, 0).await;
+    let before = c.read_all(0).await;
     for i in 0..3 {
         c.kill9(i);
     }
@@ -236,7 +221,7 @@ async fn full_restart_keeps_the_same_log() {
     assert_eq!(log.append(b"c", 101, b"p101").await.unwrap(), 101);
     for i in 0..3 {
         c.wait_applied(i, 101).await;
-        let after = read_all(&c, i).await;
+        let after = c.read_all(i).await;
         assert_eq!(&after[..100], &before[..], "replica {}", i + 1);
     }
 }
@@ -351,7 +336,7 @@ async fn corrupt_last_record_is_truncated_and_recovered_from_the_others() {
     c.restart(victim).await;
     assert_eq!(log.append(b"c", 51, b"p51").await.unwrap(), 51);
     c.wait_applied(victim, 51).await;
-    let entries = read_all(&c, victim).await;
+    let entries = c.read_all(victim).await;
     assert_eq!(entries.len(), 51);
     let log_text =
         std::fs::read_to_string(c.dir.path().join(format!("log-{}.log", victim + 1))).unwrap();

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 use cluster_tests::{wait_until, LogCluster};
-use protocol::{Client, LogClient};
+use protocol::LogClient;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,21 +22,6 @@ fn payload(w: u64, seq: u64, len: usize) -> Vec<u8> {
     let mut p = tag.into_bytes();
     p.resize(len, b'a' + (seq % 26) as u8);
     p
-}
-
-/// Every entry of replica `i`, read in pages.
-async fn read_all(c: &LogCluster, i: usize) -> Vec<(u64, Bytes)> {
-    let mut client = Client::connect(c.replicas[i].dksp).await.unwrap();
-    let mut out = Vec::new();
-    let mut from = 1;
-    loop {
-        let page = client.read_log(from, Some(1000)).await.unwrap();
-        let Some(&(last, _)) = page.last() else {
-            return out;
-        };
-        from = last + 1;
-        out.extend(page);
-    }
 }
 
 type Acked = Arc<Mutex<BTreeMap<(u64, u64), u64>>>;
@@ -89,7 +74,7 @@ async fn wait_total(total: &Arc<AtomicU64>, at_least: u64, what: &str) {
 async fn check_replica(c: &LogCluster, i: usize, acked: &BTreeMap<(u64, u64), u64>, len: usize) {
     let last = *acked.values().max().expect("some appends");
     c.wait_applied(i, last).await;
-    let entries: BTreeMap<u64, Bytes> = read_all(c, i).await.into_iter().collect();
+    let entries: BTreeMap<u64, Bytes> = c.read_all(i).await.into_iter().collect();
     for ((w, seq), idx) in acked {
         let got = entries.get(idx);
         assert!(
