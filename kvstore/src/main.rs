@@ -58,6 +58,12 @@ struct Args {
     /// disks) is answered `ERR UNAVAILABLE commit outcome unknown: ...` instead of waiting on.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     commit_timeout_secs: u64,
+    /// Log entries the committer sends without waiting for the log's reply to the one before,
+    /// each holding whatever commits are queued (1: the next entry waits for the last reply,
+    /// unless that entry was full).
+    #[arg(long, default_value_t = kvstore::engine::DEFAULT_LOG_PIPELINE,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=8))]
+    log_pipeline: usize,
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
@@ -107,6 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         checkpoint_ratio: args.checkpoint_ratio,
         follow_log: !args.no_tail,
         commit_timeout: Duration::from_secs(args.commit_timeout_secs),
+        log_pipeline: args.log_pipeline,
     });
     tracing::info!(
         "kvstore listening on {}; sequencer {}, log {}",

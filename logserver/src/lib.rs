@@ -8,6 +8,7 @@
 //! - [`server`]: DKSP for clients, with group commit of concurrent `APPEND`s.
 pub mod log_store;
 pub mod network;
+pub mod pipeline;
 pub mod server;
 pub mod state_machine;
 pub mod types;

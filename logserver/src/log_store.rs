@@ -32,6 +32,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
+use crate::pipeline::Feed;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// A segment is closed and a new one started once it is this large.
@@ -99,6 +100,44 @@ struct Inner {
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     flusher: mpsc::Sender<FlushReq>,
+    /// Every append, as written, for the leader's replication pipelines.
+    feed: Feed,
+    gate: Arc<FlushGate>,
+}
+
+/// Counts of `append` calls and of those flushed, for the DKSP batcher: openraft 0.9's core
+/// waits for each append's fdatasync before it takes the next, so an entry proposed while one
+/// is being flushed gains nothing by going early; waiting lets it gather more (see
+/// `server::run_batcher`). A performance hint only: nothing depends on it for correctness.
+#[derive(Default)]
+pub struct FlushGate {
+    appends: std::sync::atomic::AtomicU64,
+    flushed: std::sync::atomic::AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl FlushGate {
+    /// `append` calls so far.
+    pub fn appends(&self) -> u64 {
+        self.appends.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until an append after the `appends()` value `seen` was made and everything
+    /// appended is flushed, or `limit` passes (the proposal may never be appended: refused,
+    /// or this replica stopped leading).
+    pub async fn settled_after(&self, seen: u64, limit: std::time::Duration) {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.notify.notified();
+            let a = self.appends();
+            if a > seen && self.flushed.load(std::sync::atomic::Ordering::SeqCst) >= a {
+                return;
+            }
+            if tokio::time::timeout_at(until, notified).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 /// Files written by one `append`, and openraft's callback to fire once they are on disk.
@@ -109,7 +148,7 @@ struct FlushReq {
 
 /// The flusher thread: fdatasyncs, for everything queued at once, each distinct file once, then
 /// reports each append flushed, in order. It ends when the last `LogStore` clone is dropped.
-fn run_flusher(rx: mpsc::Receiver<FlushReq>) {
+fn run_flusher(rx: mpsc::Receiver<FlushReq>, gate: Arc<FlushGate>) {
     while let Ok(first) = rx.recv() {
         let mut reqs = vec![first];
         reqs.extend(rx.try_iter());
@@ -123,6 +162,7 @@ fn run_flusher(rx: mpsc::Receiver<FlushReq>) {
         if let Err(e) = &result {
             tracing::error!("fdatasync of the Raft log failed: {e}");
         }
+        let n = reqs.len() as u64;
         for r in reqs {
             let r_result = match &result {
                 Ok(()) => Ok(()),
@@ -130,6 +170,9 @@ fn run_flusher(rx: mpsc::Receiver<FlushReq>) {
             };
             r.callback.log_io_completed(r_result);
         }
+        gate.flushed
+            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        gate.notify.notify_waiters();
     }
 }
 
@@ -233,12 +276,16 @@ impl LogStore {
             last_purged.map(|p| p.index)
         );
         let (flusher, rx) = mpsc::channel();
+        let gate = Arc::new(FlushGate::default());
+        let flusher_gate = gate.clone();
         std::thread::Builder::new()
             .name("log-flusher".into())
-            .spawn(move || run_flusher(rx))
+            .spawn(move || run_flusher(rx, flusher_gate))
             .map_err(io_at(dir))?;
         Ok(LogStore {
             flusher,
+            feed: Feed::default(),
+            gate,
             inner: Arc::new(Mutex::new(Inner {
                 dir: dir.to_path_buf(),
                 entries,
@@ -252,6 +299,17 @@ impl LogStore {
                 written: 0,
             })),
         })
+    }
+
+    /// The appends this store takes, as it writes them: the leader's replication pipelines send
+    /// them on before their fdatasync (see [`crate::pipeline`]).
+    pub fn feed(&self) -> Feed {
+        self.feed.clone()
+    }
+
+    /// Counts of appends made and flushed; see [`FlushGate`].
+    pub fn flush_gate(&self) -> Arc<FlushGate> {
+        self.gate.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -620,6 +678,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let mut published = Vec::new();
+        let publish = self.feed.wanted();
         let to_sync = {
             let mut g = self.lock();
             let mut to_sync: Vec<Arc<File>> = Vec::new();
@@ -658,6 +718,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 };
                 let offset = seg_len + buf.len() as u64;
                 encode_record(&mut buf, &entry).map_err(write_err)?;
+                if publish {
+                    published.push(entry.clone());
+                }
                 g.entries.insert(
                     index,
                     (
@@ -672,7 +735,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             flush_buf(&mut g, &mut buf, &mut to_sync).map_err(write_err)?;
             to_sync
         };
-        // The disk wait happens on the flusher thread, not in Raft's core.
+        // Written, not yet durable: followers may take them now, as Raft allows (the leader
+        // counts itself only once its own flush is done).
+        self.feed.publish(published);
+        // The disk wait happens on the flusher thread; openraft 0.9's core awaits the callback.
+        self.gate
+            .appends
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Err(mpsc::SendError(req)) = self.flusher.send(FlushReq {
             files: to_sync,
             callback,

@@ -65,6 +65,9 @@ struct Args {
     /// given up on after heartbeat + N / rate.
     #[arg(long, default_value_t = logserver::network::DEFAULT_MIN_RATE)]
     raft_min_rate: u64,
+    /// Raft appends in flight per follower at once (1 = wait for each reply before the next).
+    #[arg(long, default_value_t = logserver::pipeline::DEFAULT_DEPTH)]
+    raft_pipeline_depth: usize,
     /// Bytes per snapshot chunk sent to a replica that must catch up from a snapshot.
     #[arg(long, default_value_t = logserver::network::DEFAULT_SNAPSHOT_CHUNK)]
     snapshot_chunk_bytes: usize,
@@ -123,8 +126,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .context("invalid Raft timing options")?;
 
     anyhow::ensure!(
-        args.raft_append_bytes > 0 && args.snapshot_chunk_bytes > 0 && args.raft_min_rate > 0,
-        "--raft-append-bytes, --snapshot-chunk-bytes and --raft-min-rate must be positive"
+        args.raft_append_bytes > 0
+            && args.snapshot_chunk_bytes > 0
+            && args.raft_min_rate > 0
+            && args.raft_pipeline_depth > 0,
+        "--raft-append-bytes, --snapshot-chunk-bytes, --raft-min-rate and \
+         --raft-pipeline-depth must be positive"
     );
     let net = logserver::network::NetConfig {
         append_bytes: args.raft_append_bytes,
@@ -134,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.raft_append_bytes,
             args.snapshot_chunk_bytes,
         ),
+        pipeline_depth: args.raft_pipeline_depth,
     };
     let max_frame = net.max_frame;
 
@@ -169,12 +177,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         log.fail_writes_after_bytes(bytes);
     }
     let raft_addr = raft_listener.local_addr()?;
+    let gate = log.flush_gate();
     let raft: Raft = Raft::new(
         args.id,
         Arc::new(config),
         logserver::network::Network {
             routes,
             config: net,
+            feed: Some(log.feed()),
         },
         log,
         sm.clone(),
@@ -210,7 +220,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         id: args.id,
         raft: raft.clone(),
         sm,
-        batcher: Batcher::start(raft.clone(), args.max_inflight),
+        batcher: Batcher::start(raft.clone(), args.max_inflight, Some(gate)),
         max_checkpoint_bytes: args.max_checkpoint_mib.saturating_mul(1024 * 1024),
     });
     tracing::info!(

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use protocol::log::Request;
 use protocol::{Connection, ErrorCode, Frame, Response};
 
+use crate::log_store::FlushGate;
 use crate::state_machine::{ReadError, StateMachine};
 use crate::types::{Batch, Node, NodeId, Op, OpResult, Raft};
 
@@ -58,9 +59,11 @@ pub struct Batcher {
 }
 
 impl Batcher {
-    pub fn start(raft: Raft, max_inflight: usize) -> Batcher {
+    /// `gate`, the local log's flush counts, lets a batch grow while the one before is being
+    /// flushed (see [`run_batcher`]).
+    pub fn start(raft: Raft, max_inflight: usize, gate: Option<Arc<FlushGate>>) -> Batcher {
         let (tx, rx) = mpsc::channel(64 * 1024);
-        tokio::spawn(run_batcher(raft, rx, max_inflight.max(1)));
+        tokio::spawn(run_batcher(raft, rx, max_inflight.max(1), gate));
         Batcher { tx }
     }
 
@@ -85,7 +88,20 @@ fn op_size(op: &Op) -> usize {
     }
 }
 
-async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_inflight: usize) {
+/// How long a batch waits at most for the one before to be flushed (see [`run_batcher`]).
+const GATE_LIMIT: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Proposes batches in arrival order, up to `max_inflight` awaiting their majority. openraft
+/// 0.9's core appends one entry at a time and waits for its fdatasync before the next, so a
+/// batch proposed while the one before is still being flushed would only queue behind it, and
+/// would hold less than it could: with `gate`, each proposal waits (at most [`GATE_LIMIT`])
+/// until the one before has been appended and flushed, while operations gather for the next.
+async fn run_batcher(
+    raft: Raft,
+    mut rx: mpsc::Receiver<Pending>,
+    max_inflight: usize,
+    gate: Option<Arc<FlushGate>>,
+) {
     let slots = Arc::new(Semaphore::new(max_inflight));
     while let Some(first) = rx.recv().await {
         // Waiting for a slot is what lets the next batch grow while earlier ones commit.
@@ -112,7 +128,11 @@ async fn run_batcher(raft: Raft, mut rx: mpsc::Receiver<Pending>, max_inflight: 
             ops.push(p.op);
             waiters.push((p.render, p.reply));
         }
+        let seen = gate.as_ref().map(|g| g.appends());
         let proposed = raft.client_write_ff(Batch(ops)).await;
+        if let (Some(g), Some(seen), Ok(_)) = (&gate, seen, &proposed) {
+            g.settled_after(seen, GATE_LIMIT).await;
+        }
         let raft = raft.clone();
         tokio::spawn(async move {
             let result = match proposed {
