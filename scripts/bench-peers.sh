@@ -72,6 +72,11 @@ cleanup() {
   set -e
 }
 trap cleanup EXIT
+# Ctrl-C or kill: leave through the EXIT trap as soon as the command under way returns. Without
+# this bash goes on with the next command when that one (pgbench) handles SIGINT itself, and
+# the next experiments run against servers the same Ctrl-C stopped.
+trap 'exit 130' INT
+trap 'exit 143' TERM HUP
 
 # The experiments, filtered by BENCH_ONLY: "workload dist clients depth" lines.
 experiments() {
