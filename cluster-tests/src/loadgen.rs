@@ -123,6 +123,10 @@ pub struct Row {
     /// How this system's row differs from the others (a tool's limitation, a substitute).
     #[serde(default)]
     pub note: String,
+    /// Which round of an interleaved run (`make bench-peers`, `--round`) this row is. Files
+    /// written before rounds existed have none: each such row counts as one round of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
 }
 
 impl Row {
@@ -327,6 +331,7 @@ pub fn meta(system: &str, spec: &Spec) -> Row {
         p99_us: 0,
         max_us: 0,
         note: String::new(),
+        round: None,
     }
 }
 
@@ -1089,21 +1094,118 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
-/// The side-by-side table: one line per experiment dtkv ran, each other system's throughput and
-/// p99 next to ours, and ours divided by theirs. Notes on other systems' rows go below.
+/// The median of `values`: the middle one, or the mean of the middle two for an even count;
+/// `None` for no values. NaNs sort last (`total_cmp`), so one cannot panic the sort.
+pub fn median(values: &[f64]) -> Option<f64> {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// One system's rounds of one experiment, reduced to what the side-by-side table shows.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rounds {
+    pub rounds: usize,
+    /// ops/s: the median over rounds, and the slowest and fastest round.
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    /// The median of the rounds' p99 latencies, µs.
+    pub p99_us: f64,
+    /// Summed over rounds.
+    pub ops: u64,
+    pub aborts: u64,
+    pub errors: u64,
+}
+
+impl Rounds {
+    /// The rounds of `rows` (all of one system and experiment); `None` for no rows.
+    pub fn of(rows: &[&Row]) -> Option<Rounds> {
+        let per_sec: Vec<f64> = rows.iter().map(|r| r.per_sec).collect();
+        let p99: Vec<f64> = rows.iter().map(|r| r.p99_us as f64).collect();
+        Some(Rounds {
+            rounds: rows.len(),
+            median: median(&per_sec)?,
+            min: per_sec.iter().copied().fold(f64::INFINITY, f64::min),
+            max: per_sec.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            p99_us: median(&p99)?,
+            ops: rows.iter().map(|r| r.ops).sum(),
+            aborts: rows.iter().map(|r| r.aborts).sum(),
+            errors: rows.iter().map(|r| r.errors).sum(),
+        })
+    }
+
+    /// The slowest and the fastest round as a percentage off the median (-4.0, 2.5); zeros
+    /// when the median is zero.
+    pub fn spread_pct(&self) -> (f64, f64) {
+        if self.median > 0.0 {
+            (
+                100.0 * (self.min / self.median - 1.0),
+                100.0 * (self.max / self.median - 1.0),
+            )
+        } else {
+            (0.0, 0.0)
+        }
+    }
+
+    pub fn abort_rate(&self) -> f64 {
+        let tried = self.ops + self.aborts;
+        if tried == 0 {
+            0.0
+        } else {
+            self.aborts as f64 / tried as f64
+        }
+    }
+
+    /// Our median ops/s divided by theirs; `None` when theirs is zero.
+    pub fn ratio(&self, theirs: &Rounds) -> Option<f64> {
+        (theirs.median > 0.0).then(|| self.median / theirs.median)
+    }
+}
+
+/// The experiments (row keys) `system` ran, in the order its first rows came.
+fn experiments_of(rows: &[Row], system: &str) -> Vec<(String, String, usize, usize)> {
+    let mut keys = Vec::new();
+    for r in rows.iter().filter(|r| r.system == system) {
+        if !keys.contains(&r.key()) {
+            keys.push(r.key());
+        }
+    }
+    keys
+}
+
+/// The side-by-side table: one line per experiment `ours` ran, for each system the median
+/// ops/s over its rounds with the slowest and fastest round as % of that median and the median
+/// p99, and our median divided by theirs. Every row of a system and experiment is one round
+/// (rows of old files carry no round number and are still one each). Notes on other systems'
+/// rows go below.
 pub fn compare(rows: &[Row], ours: &str, peers: &[&str]) -> String {
-    let mut out =
-        format!("| workload | key choice | clients × in flight | {ours} ops/s (p99 ms) |");
-    let mut rule = String::from("|---|---|---:|---:|");
+    let mut out = format!(
+        "| workload | key choice | clients × in flight | rounds | {ours} ops/s [spread] (p99 ms) |"
+    );
+    let mut rule = String::from("|---|---|---:|---:|---:|");
     for p in peers {
-        out += &format!(" {p} ops/s (p99 ms) | {ours} ÷ {p} |");
+        out += &format!(" {p} ops/s [spread] (p99 ms) | {ours} ÷ {p} |");
         rule += "---:|---:|";
     }
     out += "\n";
     out += &rule;
     out += "\n";
-    let cell = |r: &Row| {
-        let mut c = format!("{} ({:.1})", thousands(r.per_sec), r.p99_us as f64 / 1000.0);
+    let cell = |r: &Rounds, rounds: usize| {
+        let mut c = thousands(r.median);
+        if r.rounds > 1 {
+            let (lo, hi) = r.spread_pct();
+            c += &format!(" [{lo:.0}/+{hi:.0}%]");
+        }
+        c += &format!(" ({:.1})", r.p99_us / 1000.0);
+        if r.rounds != rounds {
+            c += &format!(", {} rounds", r.rounds);
+        }
         if r.aborts > 0 {
             c += &format!(", {:.1}% aborted", 100.0 * r.abort_rate());
         }
@@ -1112,34 +1214,48 @@ pub fn compare(rows: &[Row], ours: &str, peers: &[&str]) -> String {
         }
         c
     };
+    let of = |system: &str, key: &(String, String, usize, usize)| {
+        let mine: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.system == system && &r.key() == key)
+            .collect();
+        Rounds::of(&mine).map(|r| (r, mine))
+    };
     let mut notes = Vec::new();
-    for r in rows.iter().filter(|r| r.system == ours) {
+    let mut most_rounds = 0;
+    for key in experiments_of(rows, ours) {
+        let Some((us, _)) = of(ours, &key) else {
+            continue;
+        };
+        most_rounds = most_rounds.max(us.rounds);
+        let (workload, dist, clients, depth) = &key;
         out += &format!(
-            "| {} | {} | {} × {} | {} |",
-            r.workload,
-            r.dist,
-            r.clients,
-            r.depth,
-            cell(r)
+            "| {workload} | {dist} | {clients} × {depth} | {} | {} |",
+            us.rounds,
+            cell(&us, us.rounds)
         );
         for p in peers {
-            match rows.iter().find(|o| o.system == *p && o.key() == r.key()) {
-                Some(o) => {
-                    let ratio = if o.per_sec > 0.0 {
-                        r.per_sec / o.per_sec
-                    } else {
-                        f64::NAN
-                    };
-                    out += &format!(" {} | {ratio:.2}× |", cell(o));
-                    let seen = notes.iter().any(|n: &String| n.ends_with(&o.note));
-                    if !o.note.is_empty() && !seen {
-                        notes.push(format!("- {p}, {} {}: {}", o.workload, o.dist, o.note));
+            match of(p, &key) {
+                Some((them, their_rows)) => {
+                    let ratio = us
+                        .ratio(&them)
+                        .map_or("—".to_string(), |x| format!("{x:.2}×"));
+                    out += &format!(" {} | {ratio} |", cell(&them, us.rounds));
+                    for o in their_rows {
+                        let seen = notes.iter().any(|n: &String| n.ends_with(&o.note));
+                        if !o.note.is_empty() && !seen {
+                            notes.push(format!("- {p}, {} {}: {}", o.workload, o.dist, o.note));
+                        }
                     }
                 }
                 None => out += " — | — |",
             }
         }
         out += "\n";
+    }
+    if most_rounds > 1 {
+        out += "\nops/s: the median over rounds, in brackets the slowest and the fastest round \
+                as % off it; p99: the median of the rounds' p99; the ratio is of the medians.\n";
     }
     if !notes.is_empty() {
         out += "\n";
@@ -1237,9 +1353,9 @@ mod tests {
         assert_eq!(f[0].p99_us, 1015);
     }
 
-    #[test]
-    fn comparison_divides_ours_by_theirs_for_matching_rows_only() {
-        let row = |system: &str, workload: &str, per_sec: f64| Row {
+    /// A hand-made row: 16 × 1 uniform, p99 in ms.
+    fn row(system: &str, workload: &str, round: Option<u32>, per_sec: f64, p99_ms: u64) -> Row {
+        Row {
             system: system.into(),
             workload: workload.into(),
             dist: "uniform".into(),
@@ -1254,24 +1370,133 @@ mod tests {
             per_sec,
             p50_us: 1000,
             p95_us: 2000,
-            p99_us: 3000,
-            max_us: 4000,
+            p99_us: p99_ms * 1000,
+            max_us: 40_000,
             note: String::new(),
-        };
+            round,
+        }
+    }
+
+    #[test]
+    fn comparison_divides_ours_by_theirs_for_matching_rows_only() {
+        // One round each, as in files written before rounds: no spread, no legend.
         let rows = vec![
-            row("dtkv", "rmw4", 9000.0),
-            row("dtkv", "get", 100_000.0),
-            row("postgresql", "rmw4", 3000.0),
+            row("dtkv", "rmw4", None, 9000.0, 3),
+            row("dtkv", "get", None, 100_000.0, 3),
+            row("postgresql", "rmw4", None, 3000.0, 3),
         ];
         let table = compare(&rows, "dtkv", &["postgresql"]);
         let lines: Vec<&str> = table.lines().collect();
-        assert_eq!(lines.len(), 4);
+        assert_eq!(lines.len(), 4, "{table}");
         assert!(
-            lines[2].contains("9,000 (3.0)") && lines[2].ends_with("| 3.00× |"),
+            lines[2].contains("| 1 | 9,000 (3.0) |") && lines[2].ends_with("| 3.00× |"),
             "{}",
             lines[2]
         );
         assert!(lines[3].ends_with("| — | — |"), "{}", lines[3]);
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[]), None);
+        assert_eq!(median(&[7.0]), Some(7.0));
+        assert_eq!(median(&[5.0, 1.0, 3.0]), Some(3.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        // A NaN sorts last instead of panicking the sort.
+        assert_eq!(median(&[f64::NAN, 1.0, 2.0]), Some(2.0));
+    }
+
+    #[test]
+    fn rounds_reduce_to_the_median_the_spread_and_a_ratio_of_medians() {
+        // Four rounds of ours (an even count), three of theirs with one noisy round.
+        let ours: Vec<Row> = [
+            (1, 9000.0, 2),
+            (2, 11_000.0, 4),
+            (3, 10_000.0, 3),
+            (4, 8000.0, 5),
+        ]
+        .into_iter()
+        .map(|(n, ops, p99)| row("dtkv", "put", Some(n), ops, p99))
+        .collect();
+        let theirs: Vec<Row> = [(1, 5000.0, 2), (2, 2000.0, 9), (3, 4000.0, 3)]
+            .into_iter()
+            .map(|(n, ops, p99)| row("postgresql", "put", Some(n), ops, p99))
+            .collect();
+        let us = Rounds::of(&ours.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(us.rounds, 4);
+        assert_eq!((us.median, us.min, us.max), (9500.0, 8000.0, 11_000.0));
+        assert_eq!(us.p99_us, 3500.0);
+        assert_eq!(us.ops, 38_000);
+        let (lo, hi) = us.spread_pct();
+        assert!(
+            (lo + 15.79).abs() < 0.01 && (hi - 15.79).abs() < 0.01,
+            "{lo} {hi}"
+        );
+        let them = Rounds::of(&theirs.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!((them.median, them.p99_us), (4000.0, 3000.0));
+        // The ratio of medians, not the median of per-round ratios nor a ratio of means.
+        assert_eq!(us.ratio(&them), Some(2.375));
+        let stalled = Rounds {
+            median: 0.0,
+            ..them.clone()
+        };
+        assert_eq!(us.ratio(&stalled), None);
+        assert_eq!(stalled.spread_pct(), (0.0, 0.0));
+        assert_eq!(Rounds::of(&[]), None);
+    }
+
+    #[test]
+    fn the_comparison_shows_medians_and_spreads_and_a_dash_for_a_missing_peer_row() {
+        let mut rows = Vec::new();
+        for (n, put, get, pg) in [
+            (1, 9000.0, 100_000.0, 5000.0),
+            (2, 11_000.0, 90_000.0, 2000.0),
+        ] {
+            rows.push(row("dtkv", "put", Some(n), put, 2 + u64::from(n)));
+            rows.push(row("dtkv", "get", Some(n), get, 1));
+            rows.push(row("postgresql", "put", Some(n), pg, 4));
+        }
+        // A third PostgreSQL put round: its rounds differ from ours, which the cell says.
+        rows.push(row("postgresql", "put", Some(3), 4000.0, 6));
+        rows[2].aborts = 10;
+        rows[2].note = "one node".into();
+        let table = compare(&rows, "dtkv", &["postgresql", "etcd"]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].contains("| rounds | dtkv ops/s [spread] (p99 ms) |"),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(
+            lines[2],
+            "| put | uniform | 16 × 1 | 2 | 10,000 [-10/+10%] (3.5) \
+             | 4,000 [-50/+25%] (4.0), 3 rounds, 0.1% aborted | 2.50× | — | — |"
+        );
+        assert_eq!(
+            lines[3],
+            "| get | uniform | 16 × 1 | 2 | 95,000 [-5/+5%] (1.0) | — | — | — | — |"
+        );
+        assert!(
+            lines[5].starts_with("ops/s: the median over rounds"),
+            "{}",
+            lines[5]
+        );
+        assert_eq!(lines[7], "- postgresql, put uniform: one node");
+        assert_eq!(lines.len(), 8, "{table}");
+    }
+
+    #[test]
+    fn results_files_without_rounds_still_load_and_rounds_are_kept() {
+        let old = r#"{"date":"2026-11-24","machine":"m","rows":[{"system":"dtkv","workload":"put",
+            "dist":"uniform","clients":16,"depth":1,"keys":10000,"value_size":100,"seconds":10.0,
+            "ops":100,"aborts":0,"errors":0,"per_sec":10.0,"p50_us":1,"p95_us":2,"p99_us":3,
+            "max_us":4}]}"#;
+        let r: Results = serde_json::from_str(old).unwrap();
+        assert_eq!(r.rows[0].round, None);
+        assert!(!serde_json::to_string(&r.rows[0]).unwrap().contains("round"));
+        let with = row("dtkv", "put", Some(3), 1.0, 1);
+        let back: Row = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+        assert_eq!(back.round, Some(3));
     }
 
     #[test]

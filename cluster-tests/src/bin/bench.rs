@@ -1,10 +1,11 @@
 //! `dtkv-bench`: the load generator (see `cluster_tests::loadgen`).
 //!
 //! `run` is one experiment, `suite` the standard set that `make bench` runs, `list` prints that
-//! set for scripts driving other systems' tools, `import-pgbench`/`import-redis` turn those
-//! tools' output into the same rows, and `compare` prints the side-by-side table of
-//! `make bench-peers`. Results files hold rows from any number of invocations: `--json FILE`
-//! appends.
+//! set for scripts driving other systems' tools, `load` writes every key once, `import-pgbench`/
+//! `import-redis` turn those tools' output into the same rows, and `compare` prints the
+//! side-by-side table of `make bench-peers`. Results files hold rows from any number of
+//! invocations: `--json FILE` appends, `--round N` stamps the rows with the round of an
+//! interleaved run, and `compare` reduces each system's rounds of an experiment to their median.
 
 use clap::{Args, Parser, Subcommand};
 use cluster_tests::loadgen::{self, Dist, Limit, Results, Row, Spec, Target, Workload};
@@ -58,6 +59,12 @@ enum Cmd {
     },
     /// The standard set, one experiment a line: workload dist clients depth.
     List,
+    /// Write every key once (what `--load` does before the first experiment), then exit;
+    /// fails if any write failed.
+    Load {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Rows from pgbench per-transaction logs (`--log`) of one experiment.
     ImportPgbench {
         #[command(flatten)]
@@ -76,7 +83,8 @@ enum Cmd {
         requests: u64,
         csv: PathBuf,
     },
-    /// The side-by-side table of results files: our rows, each peer's, and the ratios.
+    /// The side-by-side table of results files: for each experiment and system the median
+    /// ops/s over its rounds, their spread and median p99, and the ratio of medians.
     Compare {
         /// The system the ratios are of.
         #[arg(long, default_value = "dtkv")]
@@ -137,12 +145,22 @@ struct Output {
     /// The results file's date, when it is created.
     #[arg(long, default_value = "")]
     date: String,
+    /// The round of an interleaved run these rows belong to (1, 2, ...), kept in the file.
+    #[arg(long)]
+    round: Option<u32>,
 }
 
 impl Output {
     fn save(&self, rows: &[Row]) -> anyhow::Result<()> {
         if let Some(path) = &self.json {
-            Results::append(path, &self.date, rows)?;
+            let rows: Vec<Row> = rows
+                .iter()
+                .map(|r| Row {
+                    round: self.round.or(r.round),
+                    ..r.clone()
+                })
+                .collect();
+            Results::append(path, &self.date, &rows)?;
         }
         Ok(())
     }
@@ -230,9 +248,13 @@ impl Common {
     }
 
     async fn load(&self, spec: &Spec) {
-        if !self.load {
-            return;
+        if self.load {
+            self.preload(spec).await;
         }
+    }
+
+    /// Writes every key once; returns the writes that failed.
+    async fn preload(&self, spec: &Spec) -> u64 {
         let t = std::time::Instant::now();
         let errors = loadgen::preload(spec).await;
         eprintln!(
@@ -241,6 +263,7 @@ impl Common {
             spec.value_size,
             t.elapsed().as_secs_f64()
         );
+        errors
     }
 }
 
@@ -303,6 +326,13 @@ fn main() -> anyhow::Result<()> {
             common.out.save(&rows)?;
             if let Some(path) = markdown {
                 write_markdown(&path, &common.out.date, "dtkv-bench standard set", &table)?;
+            }
+        }
+        Cmd::Load { common } => {
+            let spec = common.spec(Workload::Put, Dist::Uniform, 1, 1, Limit::Ops(0));
+            let errors = rt.block_on(common.preload(&spec));
+            if errors > 0 {
+                anyhow::bail!("{errors} of {} writes failed", spec.keys);
             }
         }
         Cmd::List => {
@@ -430,5 +460,44 @@ mod tests {
         );
         assert_eq!(loadgen::standard_suite()[3].line(), "rmw uniform 16 1");
         assert!(Cli::try_parse_from(["dtkv-bench", "run", "--duration", "3h"]).is_err());
+    }
+
+    #[test]
+    fn a_round_given_on_the_command_line_is_kept_in_the_results_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("r.json");
+        let json = file.to_str().unwrap();
+        let save = |round: Option<&str>| {
+            let mut args = vec![
+                "dtkv-bench",
+                "import-redis",
+                "--system",
+                "redis",
+                "--workload",
+                "put",
+                "--clients",
+                "16",
+                "--requests",
+                "1",
+                "--json",
+                json,
+                "out.csv",
+            ];
+            if let Some(r) = round {
+                args.extend(["--round", r]);
+            }
+            let Cmd::ImportRedis { row, .. } = Cli::try_parse_from(args).unwrap().cmd else {
+                panic!("not import-redis");
+            };
+            row.out.save(&[row.meta()]).unwrap();
+        };
+        save(Some("2"));
+        save(None);
+        let rows = Results::load(&file).unwrap().rows;
+        assert_eq!(
+            rows.iter().map(|r| r.round).collect::<Vec<_>>(),
+            vec![Some(2), None]
+        );
+        assert!(Cli::try_parse_from(["dtkv-bench", "load", "--round", "x"]).is_err());
     }
 }
