@@ -106,7 +106,9 @@ async fn with_the_log_leader_and_a_follower_gone_commits_are_answered_unavailabl
 }
 
 async fn lose_the_log_majority(with_the_leader: bool) {
-    let mut sys = System::start(&["--commit-timeout-secs", "2"]).await;
+    // One entry in flight at a time, so that writes queued behind the COMMIT never reach the
+    // log and the "not made" answer is exercised (with more in flight some would be sent).
+    let mut sys = System::start(&["--commit-timeout-secs", "2", "--log-pipeline", "1"]).await;
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
     c.put("before", "1").await.unwrap();
 
@@ -141,6 +143,9 @@ async fn lose_the_log_majority(with_the_leader: bool) {
         p.send(format!("PUT queued{i:02} v").as_bytes());
     }
     p.flush().await.unwrap();
+    // Those that went to the log are "outcome unknown"; those that never left the queue are
+    // "not made", and must never be applied.
+    let mut not_made = Vec::new();
     for i in 0..20 {
         let r = within("a pipelined PUT with no log majority", p.recv())
             .await
@@ -150,7 +155,14 @@ async fn lose_the_log_majority(with_the_leader: bool) {
             Some(ErrorCode::Unavailable),
             "queued{i:02}: {r:?}"
         );
+        let Response::Err(e) = &r else { unreachable!() };
+        if e.message.starts_with("commit not made") {
+            not_made.push(i);
+        } else {
+            assert!(e.message.starts_with("commit outcome unknown"), "{r:?}");
+        }
     }
+    assert!(!not_made.is_empty(), "every queued write was sent to a log without a majority");
     // Reads of data already applied go on meanwhile.
     assert_eq!(
         within("GET with no log majority", c.get("before"))
@@ -179,7 +191,7 @@ async fn lose_the_log_majority(with_the_leader: bool) {
     .await;
     assert_eq!(c.get("after").await.unwrap(), Some(Bytes::from("2")));
     // The writes that never left the queue were dropped, as they were told.
-    for i in 0..20 {
+    for &i in &not_made {
         assert_eq!(c.get(format!("queued{i:02}")).await.unwrap(), None);
     }
     // The timed-out COMMIT went to the log: whatever the log decided, replay agrees with what
