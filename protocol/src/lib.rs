@@ -8,6 +8,8 @@
 //! - [`kv`], [`seq`], [`log`]: typed requests of each process; [`response`]: the reply lines all
 //!   of them share.
 //! - [`connection`], [`server`]: the buffered connection and accept loop the servers share.
+//! - [`record`]: checksummed `[len][crc32c][postcard]` records on disk and atomic file
+//!   replacement, shared by the logserver and the sequencer.
 //! - [`client`]: an async client with typed helpers.
 //! - [`golden`]: the runner for data-driven test scripts.
 
@@ -19,6 +21,7 @@ pub mod golden;
 pub mod kv;
 pub mod log;
 pub mod log_client;
+pub mod record;
 pub mod response;
 pub mod seq;
 pub mod server;
