@@ -19,7 +19,8 @@
 //!   it passes, [`expired`](Handler::expired) is called and the loop goes on.
 //! - The connection ends when the peer closes, the read fails (a timeout or the read budget:
 //!   the connection then says why as its last line), the server shuts down, or the handler says
-//!   so; on every one of these but a failed write, the replies already queued are written first.
+//!   so; unless a write failed or the handler took the connection over ([`Flow::Dropped`]),
+//!   the replies already queued are written first.
 
 use std::collections::VecDeque;
 use std::future::Future;
