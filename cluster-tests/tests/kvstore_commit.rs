@@ -162,7 +162,10 @@ async fn lose_the_log_majority(with_the_leader: bool) {
             assert!(e.message.starts_with("commit outcome unknown"), "{r:?}");
         }
     }
-    assert!(!not_made.is_empty(), "every queued write was sent to a log without a majority");
+    assert!(
+        !not_made.is_empty(),
+        "every queued write was sent to a log without a majority"
+    );
     // Reads of data already applied go on meanwhile.
     assert_eq!(
         within("GET with no log majority", c.get("before"))

@@ -24,15 +24,16 @@
 //!   the (single) runtime thread between pages. Its snapshot is bounded by the same age limit.
 
 use bytes::Bytes;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::io;
 use std::ops::Bound;
 use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use protocol::handler::{self, Cx, Flow, Handler};
 use protocol::kv::Request;
-use protocol::{Connection, ErrorCode, Frame, Response};
+use protocol::{Connection, ErrorCode, Response, ServerError};
 
 use crate::engine::{Engine, EngineError, Mode, Outcome, Submitted};
 use crate::limits::{Limits, Reservation};
@@ -690,16 +691,6 @@ async fn stream_scan(
     }
 }
 
-/// A reply that may still be waiting for the log.
-enum Pending {
-    Ready(Response),
-    /// In the log; the write holds its share of the budget until it is answered.
-    Waiting {
-        rx: oneshot::Receiver<Result<(), EngineError>>,
-        share: Reservation,
-    },
-}
-
 fn write_reply(r: Result<Result<(), EngineError>, oneshot::error::RecvError>) -> Response {
     match r {
         Ok(Ok(())) => Response::ok(),
@@ -708,166 +699,114 @@ fn write_reply(r: Result<Result<(), EngineError>, oneshot::error::RecvError>) ->
     }
 }
 
-/// Requests one connection may have waiting for the log.
-const MAX_PIPELINE: usize = 4096;
+/// The kvstore's part of the shared connection loop ([`protocol::handler`]). Autocommit
+/// `PUT`/`DEL`s are pipelined: they are queued to the log at once and their `OK`s go out in
+/// order as the log acknowledges them. Any other request first waits for those, so a session
+/// always reads its own writes.
+impl Handler for Session {
+    type Request = Request;
 
-/// Writes every pending reply, waiting for those still in the log.
-async fn drain(conn: &mut Connection, pending: &mut VecDeque<Pending>) {
-    while let Some(p) = pending.pop_front() {
-        let r = match p {
-            Pending::Ready(r) => r,
-            Pending::Waiting { rx, .. } => write_reply(rx.await),
-        };
-        conn.write_response(&r);
+    fn refused(&mut self, e: ServerError) -> Response {
+        match e.code {
+            // An over-long line or a key over its limit: a refused write.
+            ErrorCode::TooLarge => self.refused_line(Response::Err(e)),
+            _ => Response::Err(e),
+        }
     }
-}
 
-/// Serves one connection. Autocommit `PUT`/`DEL`s are pipelined: they are queued to the log
-/// at once and their `OK`s go out in order as the log acknowledges them. Any other request
-/// first waits for those, so a session always reads its own writes.
-pub async fn handle(
-    mut conn: Connection,
-    engine: Arc<Engine>,
-    limits: Arc<Limits>,
-    shutdown: CancellationToken,
-) {
-    let mut session = Session::new(engine, limits);
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    loop {
-        while let Some(front) = pending.front_mut() {
-            let r = match front {
-                Pending::Ready(r) => r.clone(),
-                Pending::Waiting { rx, .. } => match rx.try_recv() {
-                    Ok(r) => write_reply(Ok(r)),
-                    Err(oneshot::error::TryRecvError::Empty) => break,
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        Response::err(ErrorCode::Unavailable, "committer stopped")
-                    }
-                },
-            };
-            conn.write_response(&r);
-            pending.pop_front();
-        }
-        let can_read = pending.len() < MAX_PIPELINE;
-        let idle = !pending.is_empty() && !conn.has_buffered_line();
-        if (idle || !can_read) && conn.flush().await.is_err() {
-            return;
-        }
-        let head_waiting = matches!(pending.front(), Some(Pending::Waiting { .. }));
-        // With a transaction open, waiting for its next command (or flushing to a client that
-        // does not read) ends at its deadline; without one, a session waits as long as it likes.
-        let deadline = session.deadline();
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = async {
-                match pending.front_mut() {
-                    Some(Pending::Waiting { rx, .. }) => rx.await,
-                    _ => std::future::pending().await,
-                }
-            }, if head_waiting => {
-                pending[0] = Pending::Ready(write_reply(r));
-                continue;
-            }
-            f = async {
-                match deadline {
-                    Some(d) => tokio::time::timeout_at(d, conn.read_frame()).await,
-                    None => Ok(conn.read_frame().await),
-                }
-            }, if can_read => f,
-        };
-        let line = match frame {
-            Err(_elapsed) => {
-                session.expire();
-                continue;
-            }
-            Ok(Ok(Some(Frame::Line(line)))) => line,
-            Ok(Ok(Some(Frame::TooLong))) => {
-                let r = session.refused_line(Response::too_large(conn.max_line()));
-                pending.push_back(Pending::Ready(r));
-                continue;
-            }
-            Ok(Ok(None)) | Ok(Err(_)) => break,
-        };
-        let req = match Request::parse(&line) {
-            Ok(Some(r)) => r,
-            Ok(None) => continue,
-            Err(e) => {
-                let r = match e.code {
-                    // A key over its limit: a refused write, like an over-long line.
-                    ErrorCode::TooLarge => session.refused_line(Response::Err(e)),
-                    _ => Response::Err(e),
-                };
-                pending.push_back(Pending::Ready(r));
-                continue;
-            }
-        };
+    /// With a transaction open, waiting for its next command ends at its deadline; without
+    /// one, a session waits as long as it likes.
+    fn deadline(&self) -> Option<Instant> {
+        Session::deadline(self)
+    }
+
+    fn expired(&mut self) {
+        self.expire();
+    }
+
+    async fn dispatch(&mut self, req: Request, cx: &mut Cx<'_>) -> io::Result<Flow> {
         // Never while aborted: the writes of an aborted transaction must not run as autocommit.
-        let autocommit_write = session.txn.is_none()
-            && session.aborted.is_none()
+        let autocommit_write = self.txn.is_none()
+            && self.aborted.is_none()
             && matches!(req, Request::Put { .. } | Request::Del { .. });
         if autocommit_write {
             let write = match req {
                 Request::Put { key, value } => (key, Some(value)),
                 Request::Del { key } => (key, None),
-                _ => continue,
+                _ => return Ok(Flow::Continue),
             };
-            if let Some(r) = session.autocommit_too_large(&write.0, write.1.as_ref()) {
-                pending.push_back(Pending::Ready(r));
-                continue;
-            }
-            // Writes waiting for the log count against the budget too (a pipelining client
-            // could otherwise queue MAX_PIPELINE large values); when it is short, this
-            // session's own writes are waited for first, which is backpressure, not an error.
-            let size = write_size(&write.0, write.1.as_ref());
-            // One session holds at most --max-txn-bytes of writes in the log at once, as an
-            // open transaction does, so one pipelining client cannot take the whole budget
-            // from everyone's transactions; past it, it waits for its own writes first.
-            let in_log: usize = pending
-                .iter()
-                .map(|p| match p {
-                    Pending::Waiting { share, .. } => share.bytes(),
-                    Pending::Ready(_) => 0,
-                })
-                .sum();
-            if in_log.saturating_add(size) > session.limits.max_txn_bytes {
-                drain(&mut conn, &mut pending).await;
-            }
-            let mut share = session.limits.budget.reserve();
-            if !share.resize(size) && pending.iter().any(|p| matches!(p, Pending::Waiting { .. })) {
-                drain(&mut conn, &mut pending).await;
-            }
-            if share.bytes() != size && !share.resize(size) {
-                pending.push_back(Pending::Ready(Response::err(
-                    ErrorCode::Unavailable,
-                    format!(
-                        "the server's budget for buffered writes ({} bytes, --max-buffered-mib) is used up; retry later",
-                        session.limits.budget.limit()
-                    ),
-                )));
-                continue;
-            }
-            match session.engine.submit(None, vec![write]).await {
-                Ok(Submitted::Queued(_, rx)) => pending.push_back(Pending::Waiting { rx, share }),
-                // Blind writes never conflict; answer as a commit would, to be safe.
-                Ok(Submitted::Conflict(_)) => pending.push_back(Pending::Ready(Response::err(
-                    ErrorCode::Unavailable,
-                    "conflict on a blind write; retry",
-                ))),
-                Err(e) => pending.push_back(Pending::Ready(engine_err(e))),
-            }
-            continue;
+            self.pipelined_write(write, cx).await;
+            return Ok(Flow::Continue);
         }
-        drain(&mut conn, &mut pending).await;
+        cx.settle().await;
         let quit = matches!(req, Request::Quit);
-        if session.execute(req, &mut conn).await.is_err() {
+        self.execute(req, cx.conn).await?;
+        Ok(if quit { Flow::Close } else { Flow::Continue })
+    }
+}
+
+impl Session {
+    /// Queues an autocommit write to the log; its reply waits in `cx`'s queue.
+    async fn pipelined_write(&mut self, write: (Bytes, Option<Bytes>), cx: &mut Cx<'_>) {
+        if let Some(r) = self.autocommit_too_large(&write.0, write.1.as_ref()) {
+            cx.reply(r);
             return;
         }
-        if quit {
-            break;
+        // Writes waiting for the log count against the budget too (a pipelining client
+        // could otherwise queue `handler::MAX_PIPELINE` large values); when it is short, this
+        // session's own writes are waited for first, which is backpressure, not an error.
+        let size = write_size(&write.0, write.1.as_ref());
+        // One session holds at most --max-txn-bytes of writes in the log at once, as an
+        // open transaction does, so one pipelining client cannot take the whole budget
+        // from everyone's transactions; past it, it waits for its own writes first.
+        if cx.replies.held().saturating_add(size) > self.limits.max_txn_bytes {
+            cx.settle().await;
+        }
+        let mut share = self.limits.budget.reserve();
+        if !share.resize(size) && cx.replies.waiting() > 0 {
+            cx.settle().await;
+        }
+        if share.bytes() != size && !share.resize(size) {
+            cx.reply(Response::err(
+                ErrorCode::Unavailable,
+                format!(
+                    "the server's budget for buffered writes ({} bytes, --max-buffered-mib) is used up; retry later",
+                    self.limits.budget.limit()
+                ),
+            ));
+            return;
+        }
+        match self.engine.submit(None, vec![write]).await {
+            Ok(Submitted::Queued(_, rx)) => {
+                let held = share.bytes();
+                // The write holds its share of the budget until it is answered.
+                cx.reply_later(
+                    Box::pin(async move {
+                        let r = write_reply(rx.await);
+                        drop(share);
+                        r
+                    }),
+                    held,
+                );
+            }
+            // Blind writes never conflict; answer as a commit would, to be safe.
+            Ok(Submitted::Conflict(_)) => cx.reply(Response::err(
+                ErrorCode::Unavailable,
+                "conflict on a blind write; retry",
+            )),
+            Err(e) => cx.reply(engine_err(e)),
         }
     }
-    drain(&mut conn, &mut pending).await;
-    let _ = conn.shutdown().await;
+}
+
+/// Serves one connection until it closes, sends `QUIT`, or the server shuts down.
+pub async fn handle(
+    conn: Connection,
+    engine: Arc<Engine>,
+    limits: Arc<Limits>,
+    shutdown: CancellationToken,
+) {
+    handler::run(conn, Session::new(engine, limits), shutdown).await
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The Raft log on disk: append-only segment files of checksummed records.
 //!
-//! A record is `[len u32 LE][crc32c u32 LE][postcard bytes of one Raft entry]`. Segments are named
+//! A record is `[len u32 LE][crc32c u32 LE][postcard bytes of one Raft entry]` (the codec is
+//! [`protocol::record`], shared with the small files and the snapshot file). Segments are named
 //! `seg-<first index>.log` and rotated at [`SEGMENT_BYTES`], so purging drops whole files and a
 //! truncation rewrites at most one. Every entry that has not been purged is also kept in memory
 //! (with its location on disk), so reads never touch the disk; the log is bounded by the snapshot
@@ -32,12 +33,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
+use protocol::record::{replace_file, sync_dir, FileError, Format, IoAt};
+
 use crate::pipeline::Feed;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// A segment is closed and a new one started once it is this large.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
-const HEADER: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogStoreError {
@@ -385,13 +387,13 @@ fn scan_segment(path: &Path, is_last: bool) -> Result<Scanned, LogStoreError> {
     let mut records = Vec::new();
     let mut off = 0usize;
     while off < data.len() {
-        let (why, reaches_end) = match parse_record(&data[off..]) {
+        let (why, reaches_end) = match RECORD.decode::<Entry>(&data[off..]) {
             Ok((entry, size)) => {
                 records.push((off as u64, entry));
                 off += size;
                 continue;
             }
-            Err(bad) => bad,
+            Err(bad) => (bad.error.to_string(), bad.reaches_end),
         };
         let rest_is_zero = data[off..].iter().all(|&b| b == 0);
         if !is_last || !(reaches_end || rest_is_zero) {
@@ -425,92 +427,24 @@ fn scan_segment(path: &Path, is_last: bool) -> Result<Scanned, LogStoreError> {
     })
 }
 
-/// Parses one record at the start of `buf`. On failure: why, and whether the record as its
-/// header describes it reaches the end of the buffer (a torn write looks like that).
-fn parse_record(buf: &[u8]) -> Result<(Entry, usize), (String, bool)> {
-    if buf.len() < HEADER {
-        return Err(("truncated header".into(), true));
-    }
-    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-    let end = HEADER.saturating_add(len);
-    if end > buf.len() {
-        return Err((format!("record of {len} bytes runs past the end"), true));
-    }
-    let body = &buf[HEADER..end];
-    if crc32c::crc32c(body) != crc {
-        return Err(("checksum mismatch".into(), end == buf.len()));
-    }
-    match postcard::from_bytes::<Entry>(body) {
-        Ok(entry) => Ok((entry, end)),
-        Err(e) => Err((format!("undecodable entry: {e}"), end == buf.len())),
-    }
-}
+/// Raft log records in segments: the width of the existing layout, no cap beyond it.
+const RECORD: Format = Format::u32(u32::MAX as u64);
+/// The vote, purged and committed files each hold one small value (tens of bytes).
+const SMALL: Format = Format::u32(4096);
 
-fn encode_record(out: &mut Vec<u8>, entry: &Entry) -> Result<(), io::Error> {
-    let body = postcard::to_stdvec(entry).map_err(io::Error::other)?;
-    let len = u32::try_from(body.len())
-        .map_err(|_| io::Error::other(format!("entry of {} bytes is too large", body.len())))?;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(())
-}
-
-/// Reads a small `[len][crc][postcard]` file; missing means `None`, corrupt is an error.
+/// Reads a small record file; missing or empty means `None`, corrupt is an error.
 fn read_small<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, LogStoreError> {
-    let data = match fs::read(path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_at(path)(e)),
-    };
-    if data.is_empty() {
-        return Ok(None);
-    }
-    let invalid = |why: &str| LogStoreError::Invalid {
-        path: path.to_path_buf(),
-        why: why.to_string(),
-    };
-    if data.len() < HEADER {
-        return Err(invalid("truncated"));
-    }
-    let len = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
-    let crc = u32::from_le_bytes([data[4], data[5], data[6], data[7]]);
-    let body = data
-        .get(HEADER..HEADER + len)
-        .ok_or_else(|| invalid("truncated"))?;
-    if crc32c::crc32c(body) != crc {
-        return Err(invalid("checksum mismatch"));
-    }
-    match postcard::take_from_bytes(body) {
-        Ok((value, [])) => Ok(Some(value)),
-        Ok(_) => Err(invalid("trailing bytes after the value")),
-        Err(e) => Err(invalid(&format!("undecodable: {e}"))),
-    }
+    SMALL.read_file(path).map_err(|e| match e {
+        FileError::Io(IoAt { path, source }) => LogStoreError::Io { path, source },
+        FileError::Bad { path, error } => LogStoreError::Invalid {
+            path,
+            why: error.to_string(),
+        },
+    })
 }
 
 fn small_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, io::Error> {
-    let body = postcard::to_stdvec(value).map_err(io::Error::other)?;
-    let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
-}
-
-/// Atomically and durably replaces a small file.
-pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), io::Error> {
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    drop(f);
-    fs::rename(&tmp, dir.join(name))?;
-    sync_dir(dir)
-}
-
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), io::Error> {
-    File::open(dir)?.sync_all()
+    SMALL.encode(value).map_err(io::Error::other)
 }
 
 impl Inner {
@@ -572,7 +506,7 @@ impl Inner {
         if self.last_purged.is_some_and(|p| p.index >= log_id.index) {
             return Ok(());
         }
-        write_atomic(&self.dir, "purged", &small_bytes(&log_id)?)?;
+        replace_file(&self.dir, "purged", &small_bytes(&log_id)?)?;
         self.last_purged = Some(log_id);
         self.entries = self.entries.split_off(&(log_id.index + 1));
         // A segment can go once every entry in it is purged: when the next segment starts at
@@ -637,7 +571,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let vote = *vote;
         self.blocking(
             move |g| {
-                write_atomic(&g.dir, "vote", &small_bytes(&vote)?)?;
+                replace_file(&g.dir, "vote", &small_bytes(&vote)?)?;
                 g.vote = Some(vote);
                 Ok(())
             },
@@ -717,7 +651,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     None => return Err(write_err(io::Error::other("no active segment"))),
                 };
                 let offset = seg_len + buf.len() as u64;
-                encode_record(&mut buf, &entry).map_err(write_err)?;
+                RECORD
+                    .encode_into(&mut buf, &entry)
+                    .map_err(|e| write_err(io::Error::other(e)))?;
                 if publish {
                     published.push(entry.clone());
                 }

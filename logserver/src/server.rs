@@ -5,21 +5,23 @@
 //! covers many clients (group commit). Up to `max_inflight` batches are in flight at once so the
 //! leader's fsync of one overlaps the replication of another.
 //!
-//! A connection may pipeline: replies wait in a FIFO and are written in request order as their
-//! batches commit. Reads (`READ`, `TAIL`, `CKPT_INFO`, `CKPT_READ`) are served by any replica
+//! A connection may pipeline (the shared loop of [`protocol::handler`]): replies wait in a FIFO
+//! and are written in request order as their batches commit. Reads (`READ`, `TAIL`, `CKPT_INFO`, `CKPT_READ`) are served by any replica
 //! from its applied state, so they see committed entries only; writes on a follower are answered
 //! with `REDIRECT <leader's DKSP address>`.
 
 use bytes::Bytes;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::ServerState;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use protocol::handler::{self, Cx, Flow, Handler};
 use protocol::log::Request;
-use protocol::{Connection, ErrorCode, Frame, Response};
+use protocol::{Connection, ErrorCode, Response};
 
 use crate::log_store::FlushGate;
 use crate::state_machine::{ReadError, StateMachine};
@@ -32,8 +34,6 @@ pub const READ_BYTES: usize = 2 * 1024 * 1024;
 /// A batch closes at this many bytes of payload or this many operations.
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 const BATCH_OPS: usize = 8192;
-/// Requests one connection may have waiting for their replies.
-const MAX_PIPELINE: usize = 4096;
 
 /// How to turn an operation's outcome into a reply line.
 #[derive(Debug, Clone, Copy)]
@@ -285,116 +285,64 @@ enum Reply {
     Waiting(oneshot::Receiver<Response>),
 }
 
-/// Serves one client connection until it closes, sends QUIT, or the server shuts down.
-pub async fn handle(mut conn: Connection, srv: Arc<LogServer>, shutdown: CancellationToken) {
-    let mut pending: VecDeque<Reply> = VecDeque::new();
-    loop {
-        // Write every reply that is ready, in order.
-        while let Some(front) = pending.front_mut() {
-            let lines = match front {
-                Reply::Ready(lines) => std::mem::take(lines),
-                Reply::Waiting(rx) => match rx.try_recv() {
-                    Ok(r) => vec![r],
-                    Err(oneshot::error::TryRecvError::Empty) => break,
-                    Err(oneshot::error::TryRecvError::Closed) => {
-                        vec![Response::err(ErrorCode::Internal, "write was dropped")]
-                    }
-                },
-            };
-            for l in &lines {
-                conn.write_response(l);
+/// The logserver's side of one connection: writes are pipelined (their replies wait for their
+/// batches), reads wait for this connection's earlier writes, `TAIL` takes the connection over.
+struct Conn {
+    srv: Arc<LogServer>,
+}
+
+impl Handler for Conn {
+    type Request = Request;
+
+    async fn dispatch(&mut self, req: Request, cx: &mut Cx<'_>) -> io::Result<Flow> {
+        match req {
+            Request::Tail { from, prefix } => {
+                // Answer everything before, then stream until the client goes away.
+                cx.settle().await;
+                cx.conn.flush().await?;
+                tail(cx.conn, &self.srv, from, prefix.as_deref(), cx.shutdown).await;
+                Ok(Flow::Dropped)
             }
-            pending.pop_front();
-        }
-        let can_read = pending.len() < MAX_PIPELINE;
-        let idle = !pending.is_empty() && !conn.has_buffered_line();
-        if (idle || !can_read) && conn.flush().await.is_err() {
-            return;
-        }
-        let head_waiting = matches!(pending.front(), Some(Reply::Waiting(_)));
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = wait_head(&mut pending), if head_waiting => continue,
-            frame = conn.read_frame(), if can_read => {
-                let line = match frame {
-                    Ok(Some(Frame::Line(line))) => line,
-                    Ok(Some(Frame::TooLong)) => {
-                        pending.push_back(Reply::Ready(vec![Response::too_large(conn.max_line())]));
-                        continue;
-                    }
-                    Ok(None) | Err(_) => break,
-                };
-                let req = match Request::parse(&line) {
-                    Ok(Some(req)) => req,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        pending.push_back(Reply::Ready(vec![Response::Err(e)]));
-                        continue;
-                    }
-                };
-                match req {
-                    Request::Tail { from, prefix } => {
-                        // Answer everything before, then stream until the client goes away.
-                        if drain(&mut conn, &mut pending).await.is_err() {
-                            return;
-                        }
-                        tail(&mut conn, &srv, from, prefix.as_deref(), &shutdown).await;
-                        return;
-                    }
-                    Request::Quit => {
-                        if drain(&mut conn, &mut pending).await.is_err() {
-                            return;
-                        }
-                        conn.write_response(&Response::ok());
-                        break;
-                    }
-                    req => {
-                        // A read sees this connection's earlier writes: wait for them first.
-                        let is_write = matches!(
-                            req,
-                            Request::Append { .. }
-                                | Request::CkptPut { .. }
-                                | Request::CkptCommit { .. }
-                                | Request::AddReplica { .. }
-                                | Request::RemoveReplica { .. }
-                        );
-                        let behind_writes = pending.iter().any(|r| matches!(r, Reply::Waiting(_)));
-                        if !is_write && behind_writes && drain(&mut conn, &mut pending).await.is_err() {
-                            return;
-                        }
-                        pending.push_back(dispatch(&srv, req).await);
-                    }
+            Request::Quit => {
+                cx.settle().await;
+                cx.conn.flush().await?;
+                cx.reply(Response::ok());
+                Ok(Flow::Close)
+            }
+            req => {
+                // A read sees this connection's earlier writes: wait for them first.
+                let is_write = matches!(
+                    req,
+                    Request::Append { .. }
+                        | Request::CkptPut { .. }
+                        | Request::CkptCommit { .. }
+                        | Request::AddReplica { .. }
+                        | Request::RemoveReplica { .. }
+                );
+                if !is_write && cx.replies.waiting() > 0 {
+                    cx.settle().await;
+                    cx.conn.flush().await?;
                 }
+                match dispatch(&self.srv, req).await {
+                    Reply::Ready(lines) => cx.reply_lines(lines),
+                    Reply::Waiting(rx) => cx.reply_later(
+                        Box::pin(async move {
+                            rx.await.unwrap_or_else(|_| {
+                                Response::err(ErrorCode::Internal, "write was dropped")
+                            })
+                        }),
+                        0,
+                    ),
+                }
+                Ok(Flow::Continue)
             }
         }
     }
-    let _ = drain(&mut conn, &mut pending).await;
-    let _ = conn.shutdown().await;
 }
 
-/// Resolves when the head of the FIFO has its reply (the loop then writes it).
-async fn wait_head(pending: &mut VecDeque<Reply>) {
-    if let Some(Reply::Waiting(rx)) = pending.front_mut() {
-        let r = match rx.await {
-            Ok(r) => r,
-            Err(_) => Response::err(ErrorCode::Internal, "write was dropped"),
-        };
-        pending[0] = Reply::Ready(vec![r]);
-    }
-}
-
-/// Waits for and writes every pending reply.
-async fn drain(conn: &mut Connection, pending: &mut VecDeque<Reply>) -> std::io::Result<()> {
-    while let Some(reply) = pending.pop_front() {
-        match reply {
-            Reply::Ready(lines) => lines.iter().for_each(|l| conn.write_response(l)),
-            Reply::Waiting(rx) => conn.write_response(
-                &rx.await
-                    .unwrap_or_else(|_| Response::err(ErrorCode::Internal, "write was dropped")),
-            ),
-        }
-    }
-    conn.flush().await
+/// Serves one client connection until it closes, sends QUIT, or the server shuts down.
+pub async fn handle(conn: Connection, srv: Arc<LogServer>, shutdown: CancellationToken) {
+    handler::run(conn, Conn { srv }, shutdown).await
 }
 
 async fn dispatch(srv: &LogServer, req: Request) -> Reply {

@@ -25,11 +25,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::watch;
 
-use crate::log_store::write_atomic;
 use crate::types::{
     BatchResult, Entry, LogId, Node, NodeId, Op, OpResult, SnapshotMeta, StorageError,
     StoredMembership, TypeConfig,
 };
+use protocol::record::{replace_file, Format};
 
 /// Sequence numbers remembered per client for deduplication.
 pub const DEDUPE_WINDOW: usize = 100_000;
@@ -308,7 +308,7 @@ impl StateMachine {
 
     fn store_snapshot(&self, stored: StoredSnapshot) -> Result<(), io::Error> {
         let bytes = encode_snapshot_file(&stored)?;
-        write_atomic(&self.shared.dir, "snapshot", &bytes)?;
+        replace_file(&self.shared.dir, "snapshot", &bytes)?;
         *self
             .shared
             .current
@@ -418,30 +418,18 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
     }
 }
 
+/// The snapshot file: one record with a `u64` length (the existing layout), no cap beyond it.
+const SNAPSHOT_FILE: Format = Format::u64(u64::MAX);
+
 fn encode_snapshot_file(stored: &StoredSnapshot) -> Result<Vec<u8>, io::Error> {
-    let body = postcard::to_stdvec(stored).map_err(io_err)?;
-    let mut out = Vec::with_capacity(body.len() + 12);
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    SNAPSHOT_FILE.encode(stored).map_err(io_err)
 }
 
 fn decode_snapshot_file(bytes: &[u8]) -> Result<StoredSnapshot, String> {
-    if bytes.len() < 12 {
-        return Err("truncated snapshot file".into());
-    }
-    let mut len = [0u8; 8];
-    len.copy_from_slice(&bytes[..8]);
-    let len = u64::from_le_bytes(len) as usize;
-    let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
-    let body = bytes
-        .get(12..12usize.saturating_add(len))
-        .ok_or("truncated snapshot file")?;
-    if crc32c::crc32c(body) != crc {
-        return Err("snapshot file fails its checksum".into());
-    }
-    postcard::from_bytes(body).map_err(|e| format!("undecodable snapshot: {e}"))
+    SNAPSHOT_FILE
+        .decode(bytes)
+        .map(|(stored, _)| stored)
+        .map_err(|bad| format!("snapshot file: {}", bad.error))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {

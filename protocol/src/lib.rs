@@ -7,7 +7,10 @@
 //! - [`codec`]: line framing with a length limit that survives oversized lines.
 //! - [`kv`], [`seq`], [`log`]: typed requests of each process; [`response`]: the reply lines all
 //!   of them share.
-//! - [`connection`], [`server`]: the buffered connection and accept loop the servers share.
+//! - [`connection`], [`server`]: the buffered connection and accept loop the servers share;
+//!   [`handler`]: the connection loop (read, parse, dispatch, replies in order) they share.
+//! - [`record`]: checksummed `[len][crc32c][postcard]` records on disk and atomic file
+//!   replacement, shared by the logserver and the sequencer.
 //! - [`client`]: an async client with typed helpers.
 //! - [`golden`]: the runner for data-driven test scripts.
 
@@ -16,9 +19,11 @@ pub mod cmd;
 pub mod codec;
 pub mod connection;
 pub mod golden;
+pub mod handler;
 pub mod kv;
 pub mod log;
 pub mod log_client;
+pub mod record;
 pub mod response;
 pub mod seq;
 pub mod server;

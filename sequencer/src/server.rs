@@ -1,52 +1,38 @@
-//! Serving DKSP on the sequencer's port: one handler per connection.
+//! Serving DKSP on the sequencer's port: the shared connection loop
+//! ([`protocol::handler`]) with the sequencer's dispatch. Requests are answered one at a time,
+//! in order; `NEXT` may wait for the persist of a new window.
 
+use std::io;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+use protocol::handler::{self, Cx, Flow, Handler};
 use protocol::seq::Request;
-use protocol::{Connection, ErrorCode, Frame, Response};
+use protocol::{Connection, ErrorCode, Response};
 
 use crate::oracle::Oracle;
 
-pub async fn handle(mut conn: Connection, oracle: Arc<Oracle>, shutdown: CancellationToken) {
-    loop {
-        let frame = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            f = conn.read_frame() => f,
-        };
-        let line = match frame {
-            Ok(Some(Frame::Line(line))) => line,
-            Ok(Some(Frame::TooLong)) => {
-                conn.write_response(&Response::too_large(conn.max_line()));
-                continue;
-            }
-            Ok(None) => break,
-            Err(e) => {
-                // Also a timeout or the read budget: `shutdown` then says why.
-                tracing::debug!("connection error: {e}");
-                break;
-            }
-        };
-        let req = match Request::parse(&line) {
-            Ok(Some(req)) => req,
-            Ok(None) => continue,
-            Err(e) => {
-                conn.write_response(&Response::Err(e));
-                continue;
-            }
-        };
+/// The sequencer's side of one connection.
+struct Seq {
+    oracle: Arc<Oracle>,
+}
+
+impl Handler for Seq {
+    type Request = Request;
+
+    async fn dispatch(&mut self, req: Request, cx: &mut Cx<'_>) -> io::Result<Flow> {
         let resp = match req {
-            Request::Next { count } => match oracle.next(count.unwrap_or(1)).await {
+            Request::Next { count } => match self.oracle.next(count.unwrap_or(1)).await {
                 Ok(first) => Response::Ts { first, count },
                 Err(e) => Response::err(ErrorCode::Unavailable, e.to_string()),
             },
             Request::Current => Response::Ts {
-                first: oracle.current(),
+                first: self.oracle.current(),
                 count: None,
             },
             Request::Ping => Response::Pong,
             Request::Status => {
-                let (current, reserved, window) = oracle.stats();
+                let (current, reserved, window) = self.oracle.stats();
                 Response::status(&[
                     ("role", "sequencer".to_string()),
                     ("current", current.to_string()),
@@ -55,11 +41,16 @@ pub async fn handle(mut conn: Connection, oracle: Arc<Oracle>, shutdown: Cancell
                 ])
             }
             Request::Quit => {
-                conn.write_response(&Response::ok());
-                break;
+                cx.reply(Response::ok());
+                return Ok(Flow::Close);
             }
         };
-        conn.write_response(&resp);
+        cx.reply(resp);
+        Ok(Flow::Continue)
     }
-    let _ = conn.shutdown().await;
+}
+
+/// Serves one connection until it closes, sends `QUIT`, or the server shuts down.
+pub async fn handle(conn: Connection, oracle: Arc<Oracle>, shutdown: CancellationToken) {
+    handler::run(conn, Seq { oracle }, shutdown).await
 }

@@ -2,18 +2,17 @@
 //!
 //! No timestamp above the mark is ever handed out, so after a crash the sequencer restarts above
 //! it and cannot reissue anything. The file is 20 bytes: a magic, the mark (u64 LE) and a CRC32C
-//! of both. It is replaced atomically (write a temp file, fsync it, rename over the old one,
-//! fsync the directory), so a crash leaves either the old mark or the new one. A file that fails
-//! its checksum means the mark is unknown; starting anyway could reissue timestamps, so loading
-//! refuses with an error that says what to do.
+//! of both. It is replaced atomically ([`protocol::record::replace_file`]: write a temp file,
+//! fsync it, rename over the old one, fsync the directory), so a crash leaves either the old
+//! mark or the new one. A file that fails its checksum means the mark is unknown; starting
+//! anyway could reissue timestamps, so loading refuses with an error that says what to do.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 8] = b"DTKVSEQ1";
 const FILE_NAME: &str = "sequencer.state";
-const TMP_NAME: &str = "sequencer.state.tmp";
 const LEN: usize = 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -67,21 +66,12 @@ impl StateFile {
 
     /// Durably replaces the mark. Blocking: call from a blocking thread.
     pub fn store(&self, mark: u64) -> Result<(), StateError> {
-        let tmp = self.dir.join(TMP_NAME);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(&encode(mark)).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        let path = self.path();
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.dir))
+        protocol::record::replace_file(&self.dir, FILE_NAME, &encode(mark)).map_err(|e| {
+            StateError::Io {
+                path: e.path,
+                source: e.source,
+            }
+        })
     }
 }
 
@@ -152,7 +142,7 @@ mod tests {
         }
         // A leftover temp file from a crash between write and rename is ignored.
         s.store(600).unwrap();
-        fs::write(dir.path().join(TMP_NAME), b"garbage").unwrap();
+        fs::write(dir.path().join(format!("{FILE_NAME}.tmp")), b"garbage").unwrap();
         assert_eq!(s.load().unwrap(), 600);
     }
 }
