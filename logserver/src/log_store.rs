@@ -8,11 +8,12 @@
 //! policy, which purges what a snapshot covers.
 //!
 //! Durability, as openraft's storage contract asks:
-//! - `append` writes the records under the lock and hands the files to the flusher thread, which
-//!   fdatasyncs them and only then reports the entries flushed. `append` itself returns at once,
-//!   so Raft goes on (replicating, taking responses) during the disk wait, and every append that
-//!   queued up meanwhile is covered by the flusher's next fdatasync (group commit). Callbacks
-//!   fire in append order;
+//! - `append` writes the records under the lock, publishes the entries on the [`Feed`] (the
+//!   leader's replication pipelines send them on at once: Raft lets followers persist an entry
+//!   before the leader has) and hands the files to the flusher thread, which fdatasyncs them and
+//!   only then reports the entries flushed. Callbacks fire in append order. openraft 0.9's core
+//!   awaits each callback before its next command, so appends are flushed one after another;
+//!   the [`FlushGate`] counts let the DKSP batcher make each one as large as that allows;
 //! - the vote and the last purged log id are small files replaced atomically (temp, fsync,
 //!   rename, fsync directory) before the call returns;
 //! - the purged id is persisted before any segment is deleted, since after a full purge it is
