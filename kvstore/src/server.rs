@@ -31,6 +31,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use protocol::hops::{self, Hop};
 use protocol::kv::Request;
 use protocol::{Connection, ErrorCode, Frame, Response};
 
@@ -237,6 +238,10 @@ impl Session {
             Request::Ping => Response::Pong,
             Request::Quit => Response::ok(),
             Request::Status => self.status(),
+            Request::Hops => {
+                hops::reply().iter().for_each(|l| conn.write_response(l));
+                return Ok(());
+            }
             Request::Begin => self.begin().await,
             Request::Abort => match self.txn {
                 Some(_) => {
@@ -296,6 +301,7 @@ impl Session {
     }
 
     async fn commit(&mut self) -> Response {
+        let t_recv = hops::now_if_on();
         let Some(txn) = self.txn.take() else {
             return Response::err(ErrorCode::NoTxn, "no transaction is open");
         };
@@ -317,7 +323,14 @@ impl Session {
         // The writes were held (as the commit record) until now: only now is the budget free.
         drop(reservation);
         match result {
-            Ok(Outcome::Committed(ts)) => Response::Committed(ts),
+            Ok(Outcome::Committed(ts)) => {
+                // A COMMIT's reply is marked when ready: it is flushed by the connection loop.
+                if hops::sampled(ts) {
+                    hops::mark_at(Hop::KvRecv, ts, 0, t_recv);
+                    hops::mark(Hop::KvReply, ts, 0);
+                }
+                Response::Committed(ts)
+            }
             Ok(Outcome::Conflict(key)) => {
                 Response::Aborted(vec![Bytes::from_static(b"CONFLICT"), key])
             }
@@ -697,7 +710,19 @@ enum Pending {
     Waiting {
         rx: oneshot::Receiver<Result<(), EngineError>>,
         share: Reservation,
+        /// The commit's timestamp if `--trace-hops` samples it.
+        traced: Option<u64>,
     },
+}
+
+/// A traced reply was written: it is marked once flushed (the previous one, if still
+/// unmarked, now).
+fn note_reply(replied: &mut Option<u64>, traced: Option<u64>) {
+    if let Some(ts) = traced {
+        if let Some(prev) = replied.replace(ts) {
+            hops::mark(Hop::KvReply, prev, 0);
+        }
+    }
 }
 
 fn write_reply(r: Result<Result<(), EngineError>, oneshot::error::RecvError>) -> Response {
@@ -733,12 +758,17 @@ pub async fn handle(
 ) {
     let mut session = Session::new(engine, limits);
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    // `--trace-hops`: a sampled commit whose reply is written but not flushed yet.
+    let mut replied: Option<u64> = None;
     loop {
         while let Some(front) = pending.front_mut() {
             let r = match front {
                 Pending::Ready(r) => r.clone(),
-                Pending::Waiting { rx, .. } => match rx.try_recv() {
-                    Ok(r) => write_reply(Ok(r)),
+                Pending::Waiting { rx, traced, .. } => match rx.try_recv() {
+                    Ok(r) => {
+                        note_reply(&mut replied, *traced);
+                        write_reply(Ok(r))
+                    }
                     Err(oneshot::error::TryRecvError::Empty) => break,
                     Err(oneshot::error::TryRecvError::Closed) => {
                         Response::err(ErrorCode::Unavailable, "committer stopped")
@@ -750,8 +780,17 @@ pub async fn handle(
         }
         let can_read = pending.len() < MAX_PIPELINE;
         let idle = !pending.is_empty() && !conn.has_buffered_line();
-        if (idle || !can_read) && conn.flush().await.is_err() {
+        // A traced reply is flushed here rather than by the next read (which would flush it
+        // first thing anyway, with no whole line buffered), so its mark is when it left.
+        let flush_traced = replied.is_some() && !conn.has_buffered_line();
+        let flush = idle || !can_read || flush_traced;
+        if flush && conn.flush().await.is_err() {
             return;
+        }
+        if flush {
+            if let Some(ts) = replied.take() {
+                hops::mark(Hop::KvReply, ts, 0);
+            }
         }
         let head_waiting = matches!(pending.front(), Some(Pending::Waiting { .. }));
         // With a transaction open, waiting for its next command (or flushing to a client that
@@ -765,6 +804,9 @@ pub async fn handle(
                     _ => std::future::pending().await,
                 }
             }, if head_waiting => {
+                if let Some(Pending::Waiting { traced, .. }) = pending.front() {
+                    note_reply(&mut replied, *traced);
+                }
                 pending[0] = Pending::Ready(write_reply(r));
                 continue;
             }
@@ -788,6 +830,8 @@ pub async fn handle(
             }
             Ok(Ok(None)) | Ok(Err(_)) => break,
         };
+        // When the line was read, for a sampled commit's first mark (`--trace-hops`).
+        let t_line = hops::now_if_on();
         let req = match Request::parse(&line) {
             Ok(Some(r)) => r,
             Ok(None) => continue,
@@ -847,7 +891,13 @@ pub async fn handle(
                 continue;
             }
             match session.engine.submit(None, vec![write]).await {
-                Ok(Submitted::Queued(_, rx)) => pending.push_back(Pending::Waiting { rx, share }),
+                Ok(Submitted::Queued(ts, rx)) => {
+                    let traced = hops::sampled(ts).then_some(ts);
+                    if traced.is_some() {
+                        hops::mark_at(Hop::KvRecv, ts, 0, t_line);
+                    }
+                    pending.push_back(Pending::Waiting { rx, share, traced })
+                }
                 // Blind writes never conflict; answer as a commit would, to be safe.
                 Ok(Submitted::Conflict(_)) => pending.push_back(Pending::Ready(Response::err(
                     ErrorCode::Unavailable,

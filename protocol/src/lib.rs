@@ -10,12 +10,14 @@
 //! - [`connection`], [`server`]: the buffered connection and accept loop the servers share.
 //! - [`client`]: an async client with typed helpers.
 //! - [`golden`]: the runner for data-driven test scripts.
+//! - [`hops`]: the opt-in per-hop commit timestamps behind `--trace-hops` and `HOPS`.
 
 pub mod client;
 pub mod cmd;
 pub mod codec;
 pub mod connection;
 pub mod golden;
+pub mod hops;
 pub mod kv;
 pub mod log;
 pub mod log_client;
