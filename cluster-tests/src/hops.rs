@@ -307,6 +307,9 @@ pub struct Level {
     pub note: String,
 }
 
+/// How often the marks are read during a load.
+const COLLECT_EVERY: Duration = Duration::from_millis(500);
+
 async fn hops_of(addr: &str) -> anyhow::Result<Vec<Mark>> {
     let mut c = Client::connect(addr)
         .await
@@ -366,13 +369,39 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Level>> {
             rmw_ops: 4,
             progress: false,
         };
-        let row = loadgen::run("dtkv", &spec).await;
+        // The marks are read every COLLECT_EVERY during the load as well, so that a busy
+        // leader's ring (every entry marked) never wraps before it is read.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let load = async {
+            let row = loadgen::run("dtkv", &spec).await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            row
+        };
+        let addrs: Vec<&str> = std::iter::once(setup.kv.as_str())
+            .chain(setup.logs.iter().map(String::as_str))
+            .collect();
+        let collect = async {
+            let mut acc: Vec<Vec<Mark>> = vec![Vec::new(); addrs.len()];
+            loop {
+                let last = done.load(std::sync::atomic::Ordering::SeqCst);
+                if !last {
+                    tokio::time::sleep(COLLECT_EVERY).await;
+                }
+                for (a, addr) in acc.iter_mut().zip(&addrs) {
+                    a.extend(hops_of(addr).await?);
+                }
+                if last {
+                    return anyhow::Ok(acc);
+                }
+            }
+        };
+        let (row, acc) = tokio::join!(load, collect);
+        let mut acc = acc?.into_iter();
         let mut dumps = Dumps {
-            kv: hops_of(&setup.kv).await?,
+            kv: acc.next().unwrap_or_default(),
             ..Dumps::default()
         };
-        for (addr, &(id, is_leader)) in setup.logs.iter().zip(&before) {
-            let marks = hops_of(addr).await?;
+        for (marks, &(id, is_leader)) in acc.zip(&before) {
             if is_leader {
                 dumps.leader = Replica { id, marks };
             } else {
