@@ -41,8 +41,8 @@ pub struct Dumps {
 }
 
 /// The segments of a commit's path, in order. Rows 4-5 (the leader's own disk) run alongside
-/// rows 6-10 (replication to the follower that completes the quorum first).
-pub const SEGMENTS: [&str; 16] = [
+/// rows 6-12 (replication to the follower that completes the quorum first; rows 7-8 split 6).
+pub const SEGMENTS: [&str; 18] = [
     "kv: line read → APPEND sent (committer queue)",
     "kv → leader: APPEND sent → read by the leader",
     "leader: read → proposed (batcher)",
@@ -50,6 +50,8 @@ pub const SEGMENTS: [&str; 16] = [
     "leader: fdatasync",
     "leader: proposed → AppendEntries sent*",
     "AppendEntries sent → in follower's log store*",
+    "AppendEntries sent → read by the follower*",
+    "read by the follower → in its log store*",
     "leader: proposed → in follower's log store",
     "follower: fdatasync",
     "follower flushed → its ack at the leader*",
@@ -70,6 +72,10 @@ pub struct Breakdown {
     /// Of those, how many could be followed into the log (their Raft index found).
     pub joined: usize,
     pub segments: Vec<Vec<u64>>,
+    /// Of the joined commits with both marks, how many reached the quorum follower's log store
+    /// only after the leader's own fdatasync had returned (replication not overlapping the
+    /// leader's disk), and out of how many.
+    pub follower_after_leader_flush: (usize, usize),
 }
 
 /// (hop, key) -> (time, aux) of its first mark.
@@ -148,19 +154,27 @@ pub fn breakdown(d: &Dumps) -> Breakdown {
                 .iter()
                 .filter_map(|(id, f)| {
                     let flushed = at(f, Hop::LogFlushed, r)?.0;
-                    Some((flushed, *id, at(f, Hop::LogAppend, r).map(|(t, _)| t)))
+                    let t = |hop| at(f, hop, r).map(|(t, _)| t);
+                    Some((flushed, *id, t(Hop::LogAppend), t(Hop::RaftRecv)))
                 })
                 .min()
         });
-        let f_flushed = quorum.map(|(t, _, _)| t);
-        let f_append = quorum.and_then(|(_, _, a)| a);
-        let f_id = quorum.map(|(_, id, _)| id);
+        let f_flushed = quorum.map(|q| q.0);
+        let f_id = quorum.map(|q| q.1);
+        let f_append = quorum.and_then(|q| q.2);
+        let f_recv = quorum.and_then(|q| q.3);
         let pf = |hop| {
             let (r, id) = (raft?, f_id?);
             per_follower.get(&(hop, r, id)).copied()
         };
         let sent = pf(Hop::RaftSend);
         let ack = pf(Hop::RaftAck);
+        if let (Some(lf), Some(fa)) = (l_flushed, f_append) {
+            out.follower_after_leader_flush.1 += 1;
+            if fa > lf {
+                out.follower_after_leader_flush.0 += 1;
+            }
+        }
         let durable = match (l_flushed, f_flushed) {
             (Some(a), Some(b)) => Some(a.max(b)),
             _ => None,
@@ -173,6 +187,8 @@ pub fn breakdown(d: &Dumps) -> Breakdown {
             (l_append, l_flushed),
             (propose, sent),
             (sent, f_append),
+            (sent, f_recv),
+            (f_recv, f_append),
             (propose, f_append),
             (f_append, f_flushed),
             (f_flushed, ack),
@@ -464,6 +480,17 @@ pub fn table(levels: &[Level]) -> String {
     line("sampled commits (joined to the log)", &|l: &Level| {
         format!("{} ({})", l.breakdown.sampled, l.breakdown.joined)
     });
+    line(
+        "follower's append after the leader's fdatasync returned",
+        &|l: &Level| {
+            let (after, of) = l.breakdown.follower_after_leader_flush;
+            if of == 0 {
+                "-".into()
+            } else {
+                format!("{:.0}%", 100.0 * after as f64 / of as f64)
+            }
+        },
+    );
     line("**client: PUT/s**", &|l: &Level| {
         format!("{:.0}", l.row.per_sec)
     });
@@ -492,8 +519,9 @@ pub fn table(levels: &[Level]) -> String {
         .filter(|l| !l.note.is_empty())
         .map(|l| format!("{} clients: {}", l.clients, l.note))
         .collect();
-    out += "\nRows marked * need the leader's `raft_send`/`raft_ack` marks (logserver/src/network.rs); \
-            `-` where they are not recorded. Rows 4-5 run alongside rows 6-10.\n";
+    out += "\nRows marked * need the replication layer's `raft_send`/`raft_ack` (leader) and `raft_recv` \
+            (follower) marks (logserver/src/network.rs); \
+            `-` where they are not recorded. Rows 4-5 run alongside rows 6-12.\n";
     for n in notes {
         out += &format!("\nNote: {n}.\n");
     }
@@ -535,7 +563,13 @@ mod tests {
             // A second flush mark of the same entry (a later group) does not count.
             m(Hop::LogFlushed, 40, 0, 1500),
         ];
+        let mut f3 = vec![
+            m(Hop::LogAppend, 40, 0, 1100),
+            m(Hop::LogFlushed, 40, 0, 1300),
+            m(Hop::LogAppend, 41, 0, 1301),
+        ];
         if with_net_marks {
+            f3.push(m(Hop::RaftRecv, 40, 0, 1080));
             leader.push(m(Hop::RaftSend, 40, 2, 1065));
             leader.push(m(Hop::RaftSend, 40, 3, 1070));
             leader.push(m(Hop::RaftAck, 40, 3, 1330));
@@ -555,14 +589,7 @@ mod tests {
                         m(Hop::LogFlushed, 40, 0, 1310),
                     ],
                 },
-                Replica {
-                    id: 3,
-                    marks: vec![
-                        m(Hop::LogAppend, 40, 0, 1100),
-                        m(Hop::LogFlushed, 40, 0, 1300),
-                        m(Hop::LogAppend, 41, 0, 1301),
-                    ],
-                },
+                Replica { id: 3, marks: f3 },
             ],
         }
     }
@@ -582,6 +609,8 @@ mod tests {
     fn a_sampled_commit_is_followed_from_the_kvstore_through_the_quorum_and_back() {
         let b = breakdown(&dumps(true));
         assert_eq!((b.sampled, b.joined), (2, 1));
+        // Follower 3 had it in its store at 1100, before the leader's fdatasync (1200).
+        assert_eq!(b.follower_after_leader_flush, (0, 1));
         let want = [
             Some(10),  // kv queue
             Some(30),  // kv → leader
@@ -590,6 +619,8 @@ mod tests {
             Some(140), // leader fdatasync
             Some(20),  // proposed → sent to follower 3 (the quorum one)
             Some(30),  // sent → follower 3's store
+            Some(10),  // sent → read by follower 3
+            Some(20),  // read → in its store
             Some(50),  // proposed → follower 3's store
             Some(200), // follower 3's fdatasync
             Some(30),  // flushed → ack
@@ -600,6 +631,7 @@ mod tests {
             Some(20),  // committer → client
             Some(420), // total
         ];
+        assert_eq!(want.len(), SEGMENTS.len());
         assert_eq!(us_of(&b), want);
     }
 
@@ -615,7 +647,7 @@ mod tests {
                 got[i]
             );
         }
-        let mut total = b.segments[15].clone();
+        let mut total = b.segments[SEGMENTS.len() - 1].clone();
         assert_eq!(quantile(&mut total, 0.5), Some(420_000));
     }
 

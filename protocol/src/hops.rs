@@ -60,10 +60,12 @@ pub enum Hop {
     /// leader, key = Raft index, aux = follower id: the follower's reply covering the entry
     /// arrived.
     RaftAck,
+    /// follower, key = Raft index: an AppendEntries holding the entry was read off the wire.
+    RaftRecv,
 }
 
 impl Hop {
-    pub const ALL: [Hop; 12] = [
+    pub const ALL: [Hop; 13] = [
         Hop::KvRecv,
         Hop::KvSend,
         Hop::KvLogOk,
@@ -76,6 +78,7 @@ impl Hop {
         Hop::LogReply,
         Hop::RaftSend,
         Hop::RaftAck,
+        Hop::RaftRecv,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,6 +95,7 @@ impl Hop {
             Hop::LogReply => "log_reply",
             Hop::RaftSend => "raft_send",
             Hop::RaftAck => "raft_ack",
+            Hop::RaftRecv => "raft_recv",
         }
     }
 
