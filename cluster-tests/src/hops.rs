@@ -239,10 +239,40 @@ impl Floor {
     }
 }
 
+/// The raw durations (ns) behind a [`Floor`]: measurements taken at several moments are pooled
+/// before their percentiles are taken, so one noisy moment weighs only its share.
+#[derive(Debug, Clone, Default)]
+pub struct FloorSamples {
+    pub fsync: Vec<u64>,
+    pub rtt: Vec<u64>,
+}
+
+impl FloorSamples {
+    pub fn extend(&mut self, other: FloorSamples) {
+        self.fsync.extend(other.fsync);
+        self.rtt.extend(other.rtt);
+    }
+
+    pub fn floor(&self) -> Floor {
+        let q = |v: &[u64], p| quantile(&mut v.to_vec(), p).unwrap_or(0);
+        Floor {
+            fsync_p50: q(&self.fsync, 0.5),
+            fsync_p90: q(&self.fsync, 0.9),
+            rtt_p50: q(&self.rtt, 0.5),
+            rtt_p90: q(&self.rtt, 0.9),
+        }
+    }
+}
+
+/// [`measure_floor_samples`], summarised.
+pub fn measure_floor(dir: &Path, n: usize) -> anyhow::Result<Floor> {
+    Ok(measure_floor_samples(dir, n)?.floor())
+}
+
 /// `n` appends of 128 bytes to a probe file in `dir`, each followed by fdatasync (what a log
 /// append costs the disk), then `n` ping-pongs of 32 bytes over loopback TCP between two
 /// threads. The probe file is removed.
-pub fn measure_floor(dir: &Path, n: usize) -> anyhow::Result<Floor> {
+pub fn measure_floor_samples(dir: &Path, n: usize) -> anyhow::Result<FloorSamples> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("hops-fsync-probe");
     let mut f = std::fs::OpenOptions::new()
@@ -288,13 +318,7 @@ pub fn measure_floor(dir: &Path, n: usize) -> anyhow::Result<Floor> {
     }
     drop(c);
     let _ = echo.join();
-    let q = |v: &mut Vec<u64>, p| quantile(v, p).unwrap_or(0);
-    Ok(Floor {
-        fsync_p50: q(&mut fsync, 0.5),
-        fsync_p90: q(&mut fsync, 0.9),
-        rtt_p50: q(&mut rtt, 0.5),
-        rtt_p90: q(&mut rtt, 0.9),
-    })
+    Ok(FloorSamples { fsync, rtt })
 }
 
 /// What to run.
@@ -308,7 +332,7 @@ pub struct Setup {
     pub duration: Duration,
     pub keys: u64,
     pub value_size: usize,
-    /// fdatasyncs and round trips per floor measurement.
+    /// fdatasyncs and round trips per floor measurement (half before the load, half after).
     pub floor_samples: usize,
 }
 
@@ -363,9 +387,13 @@ async fn roles(logs: &[String]) -> anyhow::Result<Vec<(u64, bool)>> {
 pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Level>> {
     let mut levels = Vec::new();
     for &clients in &setup.clients {
-        let dir = setup.data_dir.clone();
-        let samples = setup.floor_samples;
-        let floor = tokio::task::spawn_blocking(move || measure_floor(&dir, samples)).await??;
+        // The floor is measured just before and just after the load, half the samples each.
+        let probe = || {
+            let dir = setup.data_dir.clone();
+            let n = setup.floor_samples.div_ceil(2);
+            tokio::task::spawn_blocking(move || measure_floor_samples(&dir, n))
+        };
+        let mut floor_samples = probe().await??;
         let before = roles(&setup.logs).await?;
         hops_of(&setup.kv).await?;
         for l in &setup.logs {
@@ -424,6 +452,8 @@ pub async fn run(setup: &Setup) -> anyhow::Result<Vec<Level>> {
                 dumps.followers.push(Replica { id, marks });
             }
         }
+        floor_samples.extend(probe().await??);
+        let floor = floor_samples.floor();
         let after = roles(&setup.logs).await?;
         let note = if after != before || !before.iter().any(|r| r.1) {
             "the log leader changed during the load".to_string()

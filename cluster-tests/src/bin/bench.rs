@@ -82,7 +82,7 @@ enum Cmd {
         duration: Duration,
         #[command(flatten)]
         shape: Shape,
-        /// fdatasyncs and loopback round trips per floor measurement.
+        /// fdatasyncs and loopback round trips per client count (half before, half after the load).
         #[arg(long, default_value_t = 1000)]
         floor_samples: usize,
         /// Also write the table here, with the date and the machine.
