@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv bench bench-peers soak clean
+.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv bench bench-peers bench-latency soak clean
 
 DATA ?= ./data
 
@@ -58,6 +58,12 @@ bench-kv: build
 ## bench/results/<date>.json and .md. Needs the default ports free. Not part of `make test`.
 bench: build
 	scripts/bench.sh
+
+## Where a commit's time goes at 1, 2, 4 and 8 clients: a fresh system with --trace-hops, the
+## per-hop breakdown of sampled commits next to the floor (fdatasync, loopback round trip)
+## measured in the same run. Needs the default ports free. bench/results/<date>-latency.md.
+bench-latency: build
+	scripts/bench-latency.sh
 
 ## The same load against PostgreSQL, a 3-member etcd and Redis (installed from Debian packages
 ## if missing), then one table with the ratios. Manual: installs packages, takes minutes.

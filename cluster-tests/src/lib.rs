@@ -5,6 +5,7 @@
 //! The binaries must be built first: `make test` runs `cargo build --workspace --bins` before
 //! the tests. A missing binary fails the test with that instruction.
 
+pub mod hops;
 pub mod jepsen;
 pub mod loadgen;
 pub mod workload;

@@ -54,6 +54,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use protocol::hops::{self, Hop};
 use protocol::log::Request as LogRequest;
 use protocol::log_client::Replicas;
 use protocol::{Client, ClientError, ErrorCode, LogClient, Response};
@@ -577,6 +578,8 @@ impl Engine {
             Ok(ts) => ts,
             Err(key) => return Ok(Submitted::Conflict(key)),
         };
+        // `--trace-hops`: decided here, before the committer can see the commit.
+        hops::sample(ts);
         let record = Record::Commit {
             ts,
             epoch: self.epoch.load(Ordering::SeqCst),
@@ -1461,6 +1464,8 @@ async fn send_batch(e: &Engine, out: &mut Outbox) -> bool {
             out.leader.rotate();
         }
     }
+    tss.iter()
+        .for_each(|&ts| hops::mark_sampled(Hop::KvSend, ts, seq));
     out.inflight.push_back(Batch {
         line: built.line,
         reqs: built.reqs,
@@ -1480,6 +1485,10 @@ async fn finish_batch(
     (epoch, seen_epoch): (u64, &mut u64),
     out: &mut Outbox,
 ) {
+    batch
+        .tss
+        .iter()
+        .for_each(|&ts| hops::mark_sampled(Hop::KvLogOk, ts, index));
     let expected = e.applied_index.load(Ordering::SeqCst) + 1;
     if let (true, Mode::Fenced(by)) = (index > expected, e.mode()) {
         // The follower already saw the takeover. The gap may or may not hold it (this entry

@@ -73,6 +73,11 @@ struct Args {
     /// this one's next commit (for tests of that path, and for diagnosis).
     #[arg(long)]
     no_tail: bool,
+    /// Diagnostic: record per-hop timestamps of a sample of commits (at most one per ms, in a
+    /// bounded ring of 65,536 marks) for the `HOPS` command; see docs/performance.md "Where a
+    /// commit's time goes".
+    #[arg(long, hide = true)]
+    trace_hops: bool,
     #[command(flatten)]
     runtime: protocol::server::RuntimeArgs,
 }
@@ -92,6 +97,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.trace_hops {
+        protocol::hops::enable();
+        tracing::info!("--trace-hops: recording per-hop timestamps of sampled commits for HOPS");
+    }
     let log: Vec<String> = args
         .log
         .split(',')

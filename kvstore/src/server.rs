@@ -32,6 +32,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use protocol::handler::{self, Cx, Flow, Handler};
+use protocol::hops::{self, Hop};
 use protocol::kv::Request;
 use protocol::{Connection, ErrorCode, Response, ServerError};
 
@@ -238,6 +239,10 @@ impl Session {
             Request::Ping => Response::Pong,
             Request::Quit => Response::ok(),
             Request::Status => self.status(),
+            Request::Hops => {
+                hops::reply().iter().for_each(|l| conn.write_response(l));
+                return Ok(());
+            }
             Request::Begin => self.begin().await,
             Request::Abort => match self.txn {
                 Some(_) => {
@@ -297,6 +302,7 @@ impl Session {
     }
 
     async fn commit(&mut self) -> Response {
+        let t_recv = hops::now_if_on();
         let Some(txn) = self.txn.take() else {
             return Response::err(ErrorCode::NoTxn, "no transaction is open");
         };
@@ -318,7 +324,14 @@ impl Session {
         // The writes were held (as the commit record) until now: only now is the budget free.
         drop(reservation);
         match result {
-            Ok(Outcome::Committed(ts)) => Response::Committed(ts),
+            Ok(Outcome::Committed(ts)) => {
+                // A COMMIT's reply is marked when ready: the connection loop flushes it.
+                if hops::sampled(ts) {
+                    hops::mark_at(Hop::KvRecv, ts, 0, t_recv);
+                    hops::mark(Hop::KvReply, ts, 0);
+                }
+                Response::Committed(ts)
+            }
             Ok(Outcome::Conflict(key)) => {
                 Response::Aborted(vec![Bytes::from_static(b"CONFLICT"), key])
             }
@@ -748,6 +761,7 @@ impl Handler for Session {
 impl Session {
     /// Queues an autocommit write to the log; its reply waits in `cx`'s queue.
     async fn pipelined_write(&mut self, write: (Bytes, Option<Bytes>), cx: &mut Cx<'_>) {
+        let t_recv = hops::now_if_on();
         if let Some(r) = self.autocommit_too_large(&write.0, write.1.as_ref()) {
             cx.reply(r);
             return;
@@ -777,12 +791,21 @@ impl Session {
             return;
         }
         match self.engine.submit(None, vec![write]).await {
-            Ok(Submitted::Queued(_, rx)) => {
+            Ok(Submitted::Queued(ts, rx)) => {
                 let held = share.bytes();
+                // `--trace-hops`: a sampled write is marked from when its request was taken up
+                // to when its reply is ready (the connection loop flushes it right after).
+                let traced = hops::sampled(ts);
+                if traced {
+                    hops::mark_at(Hop::KvRecv, ts, 0, t_recv);
+                }
                 // The write holds its share of the budget until it is answered.
                 cx.reply_later(
                     Box::pin(async move {
                         let r = write_reply(rx.await);
+                        if traced {
+                            hops::mark(Hop::KvReply, ts, 0);
+                        }
                         drop(share);
                         r
                     }),

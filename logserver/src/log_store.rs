@@ -38,6 +38,7 @@ use protocol::record::{replace_file, sync_dir, FileError, Format, IoAt};
 
 use crate::pipeline::Feed;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use protocol::hops::{self, Hop};
 
 /// A segment is closed and a new one started once it is this large.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -147,6 +148,8 @@ impl FlushGate {
 struct FlushReq {
     files: Vec<Arc<File>>,
     callback: LogFlushed<TypeConfig>,
+    /// The Raft indices written, for `--trace-hops` (`None` if the append was empty).
+    indices: Option<(u64, u64)>,
 }
 
 /// The flusher thread: fdatasyncs, for everything queued at once, each distinct file once, then
@@ -167,6 +170,9 @@ fn run_flusher(rx: mpsc::Receiver<FlushReq>, gate: Arc<FlushGate>) {
         }
         let n = reqs.len() as u64;
         for r in reqs {
+            if let (Some((first, last)), Ok(())) = (r.indices, &result) {
+                hops::mark_range(Hop::LogFlushed, first, last, 0);
+            }
             let r_result = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
@@ -615,6 +621,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut published = Vec::new();
         let publish = self.feed.wanted();
+        let mut indices: Option<(u64, u64)> = None;
         let to_sync = {
             let mut g = self.lock();
             let mut to_sync: Vec<Arc<File>> = Vec::new();
@@ -623,6 +630,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 |e: io::Error| -> StorageError { StorageIOError::write_logs(&e).into() };
             for entry in entries {
                 let index = entry.get_log_id().index;
+                hops::mark(Hop::LogAppend, index, 0);
+                indices = Some((indices.map_or(index, |(f, _)| f), index));
                 let contiguous = match g.last_index() {
                     Some(last) if index <= last => {
                         // Overwriting: openraft truncates first, but be safe about it.
@@ -682,6 +691,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         if let Err(mpsc::SendError(req)) = self.flusher.send(FlushReq {
             files: to_sync,
             callback,
+            indices,
         }) {
             req.callback
                 .log_io_completed(Err(io::Error::other("the log flusher thread is gone")));

@@ -87,6 +87,10 @@ struct Args {
     /// address in the membership (the fault-injection tests route each link through a proxy).
     #[arg(long, default_value = "")]
     raft_route: String,
+    /// Diagnostic: record per-hop timestamps of every log entry (a bounded ring of 65,536
+    /// marks) for the `HOPS` command; see docs/performance.md "Where a commit's time goes".
+    #[arg(long, hide = true)]
+    trace_hops: bool,
     #[command(flatten)]
     runtime: protocol::server::RuntimeArgs,
 }
@@ -106,6 +110,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.trace_hops {
+        protocol::hops::enable();
+        tracing::info!("--trace-hops: recording per-hop timestamps for HOPS");
+    }
     let peers = parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
     let routes = parse_routes(&args.raft_route).map_err(anyhow::Error::msg)?;
     let config = openraft::Config {

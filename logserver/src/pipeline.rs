@@ -55,6 +55,7 @@ use tokio_util::codec::Framed;
 use crate::network::{codec, entry_bytes, NetConfig, RaftRpc, CONNECT_TIMEOUT, EXCHANGE_BASE};
 use crate::types::{Entry, LogId, NodeId, RaftError, Vote};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
+use protocol::hops::{self, Hop};
 
 /// Appends the feed holds for a pipeline that has not caught up; one that falls further
 /// behind skips them (its continuity check fails) and openraft's next call fills the gap.
@@ -209,6 +210,8 @@ impl Pipeline {
 
 /// A request on the wire.
 struct Sent {
+    /// Index of its first entry.
+    first: u64,
     prev: Option<LogId>,
     last: LogId,
     bytes: usize,
@@ -402,7 +405,10 @@ impl Actor {
             let rest = self.pending.split_off(keep);
             let entries = std::mem::replace(&mut self.pending, rest);
             self.pending_bytes = self.pending_bytes.saturating_sub(bytes);
-            let Some(last) = entries.last().map(|e| e.log_id) else {
+            let (Some(first), Some(last)) = (
+                entries.first().map(|e| e.log_id.index),
+                entries.last().map(|e| e.log_id),
+            ) else {
                 return;
             };
             let prev = self.wire;
@@ -438,7 +444,9 @@ impl Actor {
                 .unwrap_or(u64::MAX)
                 .saturating_mul(1000)
                 / rate;
+            hops::mark_range(Hop::RaftSend, first, last.index, self.target);
             self.inflight.push_back(Sent {
+                first,
                 prev,
                 last,
                 bytes,
@@ -474,6 +482,7 @@ impl Actor {
             postcard::from_bytes(frame);
         match reply {
             Ok(Ok(AppendEntriesResponse::Success)) => {
+                hops::mark_range(Hop::RaftAck, sent.first, sent.last.index, self.target);
                 self.set_acked(sent.last);
                 self.publish();
             }

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use protocol::handler::{self, Cx, Flow, Handler};
+use protocol::hops::{self, Hop};
 use protocol::log::Request;
 use protocol::{Connection, ErrorCode, Response};
 
@@ -50,6 +51,8 @@ struct Pending {
     op: Op,
     render: Render,
     reply: oneshot::Sender<Response>,
+    /// When the request was read (`hops::now_if_on`, 0 when not tracing).
+    t_recv: u64,
 }
 
 /// Gathers concurrent write operations into Raft entries.
@@ -69,7 +72,14 @@ impl Batcher {
 
     async fn submit(&self, op: Op, render: Render) -> oneshot::Receiver<Response> {
         let (reply, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError(p)) = self.tx.send(Pending { op, render, reply }).await {
+        let t_recv = hops::now_if_on();
+        let pending = Pending {
+            op,
+            render,
+            reply,
+            t_recv,
+        };
+        if let Err(mpsc::error::SendError(p)) = self.tx.send(pending).await {
             let _ = p
                 .reply
                 .send(Response::err(ErrorCode::Unavailable, "shutting down"));
@@ -126,9 +136,10 @@ async fn run_batcher(
         let mut waiters = Vec::with_capacity(batch.len());
         for p in batch {
             ops.push(p.op);
-            waiters.push((p.render, p.reply));
+            waiters.push((p.render, p.reply, p.t_recv));
         }
         let seen = gate.as_ref().map(|g| g.appends());
+        let t_propose = hops::now_if_on();
         let proposed = raft.client_write_ff(Batch(ops)).await;
         if let (Some(g), Some(seen), Ok(_)) = (&gate, seen, &proposed) {
             g.settled_after(seen, GATE_LIMIT).await;
@@ -142,13 +153,14 @@ async fn run_batcher(
                 },
                 Err(fatal) => Err(RaftError::Fatal(fatal)),
             };
-            answer_batch(&raft, waiters, result).await;
+            answer_batch(&raft, waiters, result, t_propose).await;
             drop(permit);
         });
     }
 }
 
-type Waiter = (Render, oneshot::Sender<Response>);
+/// How to answer one operation of a batch, and when its request was read (for `--trace-hops`).
+type Waiter = (Render, oneshot::Sender<Response>, u64);
 
 async fn answer_batch(
     raft: &Raft,
@@ -157,19 +169,28 @@ async fn answer_batch(
         openraft::raft::ClientWriteResponse<crate::types::TypeConfig>,
         RaftError<NodeId, ClientWriteError<NodeId, Node>>,
     >,
+    t_propose: u64,
 ) {
     match result {
         Ok(resp) => {
             let results = resp.data.0;
+            let raft_index = resp.log_id.index;
+            // The Raft index is known only now: the marks of when the batch was proposed and
+            // its requests read are recorded with the times taken then.
+            hops::mark_at(Hop::LogPropose, raft_index, 0, t_propose);
             let mut checkpointed = false;
-            for (i, (render, reply)) in waiters.into_iter().enumerate() {
+            for (i, (render, reply, t_recv)) in waiters.into_iter().enumerate() {
                 let r = match results.get(i) {
                     Some(r) => r.clone(),
                     None => OpResult::Rejected("internal: missing result".into()),
                 };
+                if let OpResult::Appended(logical) | OpResult::Duplicate(logical) = r {
+                    hops::mark_at(Hop::LogRecv, logical, raft_index, t_recv);
+                }
                 checkpointed |= matches!((render, &r), (Render::CkptCommit, OpResult::Done));
                 let _ = reply.send(render_result(render, r));
             }
+            hops::mark(Hop::LogReply, raft_index, 0);
             if checkpointed {
                 // The checkpoint shrank the state: snapshot now so the Raft log can be purged.
                 let _ = raft.trigger().snapshot().await;
@@ -183,7 +204,7 @@ async fn answer_batch(
                 },
                 e => Response::err(ErrorCode::Unavailable, e.to_string()),
             };
-            for (_, reply) in waiters {
+            for (_, reply, _) in waiters {
                 let _ = reply.send(resp.clone());
             }
         }
@@ -481,6 +502,7 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
         }
         Request::Ping => ready(Response::Pong),
         Request::Status => ready(srv.status()),
+        Request::Hops => Reply::Ready(hops::reply()),
         Request::Tail { .. } | Request::Quit => ready(Response::err(
             ErrorCode::Internal,
             "handled by the connection loop",

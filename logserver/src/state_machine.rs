@@ -29,6 +29,7 @@ use crate::types::{
     BatchResult, Entry, LogId, Node, NodeId, Op, OpResult, SnapshotMeta, StorageError,
     StoredMembership, TypeConfig,
 };
+use protocol::hops::{self, Hop};
 use protocol::record::{replace_file, Format};
 
 /// Sequence numbers remembered per client for deduplication.
@@ -505,6 +506,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     EntryPayload::Normal(batch) => {
                         let r = batch.0.into_iter().map(|op| apply_op(&mut d, op)).collect();
                         results.push(BatchResult(r));
+                        hops::mark(Hop::LogApply, entry.log_id.index, 0);
                     }
                 }
             }

@@ -29,6 +29,9 @@ pub enum Request {
     Abort,
     Ping,
     Status,
+    /// Diagnostic: the marks `--trace-hops` recorded since the last `HOPS`, one
+    /// `OK <hop> <key> <aux> <t_ns>` line each, then `END`; `ERR UNAVAILABLE` when tracing is off.
+    Hops,
     Quit,
 }
 
@@ -89,6 +92,7 @@ impl Request {
             "ABORT" => c.arity(0, 0, "ABORT").map(|_| Request::Abort)?,
             "PING" => c.arity(0, 0, "PING").map(|_| Request::Ping)?,
             "STATUS" => c.arity(0, 0, "STATUS").map(|_| Request::Status)?,
+            "HOPS" => c.arity(0, 0, "HOPS").map(|_| Request::Hops)?,
             "QUIT" => c.arity(0, 0, "QUIT").map(|_| Request::Quit)?,
             _ => return Err(c.unknown()),
         };
@@ -119,6 +123,7 @@ impl Request {
             Request::Abort => encode("ABORT", &none),
             Request::Ping => encode("PING", &none),
             Request::Status => encode("STATUS", &none),
+            Request::Hops => encode("HOPS", &none),
             Request::Quit => encode("QUIT", &none),
         }
     }

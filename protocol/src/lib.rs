@@ -13,6 +13,7 @@
 //!   replacement, shared by the logserver and the sequencer.
 //! - [`client`]: an async client with typed helpers.
 //! - [`golden`]: the runner for data-driven test scripts.
+//! - [`hops`]: the opt-in per-hop commit timestamps behind `--trace-hops` and `HOPS`.
 
 pub mod client;
 pub mod cmd;
@@ -20,6 +21,7 @@ pub mod codec;
 pub mod connection;
 pub mod golden;
 pub mod handler;
+pub mod hops;
 pub mod kv;
 pub mod log;
 pub mod log_client;

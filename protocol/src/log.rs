@@ -62,6 +62,9 @@ pub enum Request {
     },
     Ping,
     Status,
+    /// Diagnostic: the marks `--trace-hops` recorded since the last `HOPS`, one
+    /// `OK <hop> <key> <aux> <t_ns>` line each, then `END`; `ERR UNAVAILABLE` when tracing is off.
+    Hops,
     Quit,
 }
 
@@ -147,6 +150,7 @@ impl Request {
             }
             "PING" => c.arity(0, 0, "PING").map(|_| Request::Ping)?,
             "STATUS" => c.arity(0, 0, "STATUS").map(|_| Request::Status)?,
+            "HOPS" => c.arity(0, 0, "HOPS").map(|_| Request::Hops)?,
             "QUIT" => c.arity(0, 0, "QUIT").map(|_| Request::Quit)?,
             _ => return Err(c.unknown()),
         };
@@ -212,6 +216,7 @@ impl Request {
             ),
             Request::Ping => encode("PING", &none),
             Request::Status => encode("STATUS", &none),
+            Request::Hops => encode("HOPS", &none),
             Request::Quit => encode("QUIT", &none),
         }
     }

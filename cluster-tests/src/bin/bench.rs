@@ -65,6 +65,39 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Where a commit's time goes (`make bench-latency`): PUTs at each client count with one
+    /// in flight, the per-hop breakdown from the servers' `HOPS` marks (they must run with
+    /// --trace-hops) and the floor (fdatasync, loopback round trip) measured alongside.
+    Hops {
+        /// The kvstore.
+        #[arg(long, default_value = "127.0.0.1:10000")]
+        addr: String,
+        /// Every log replica (DKSP addresses), comma-separated.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "127.0.0.1:10002,127.0.0.1:10012,127.0.0.1:10022"
+        )]
+        log: Vec<String>,
+        /// A directory on the log replicas' disk, for the fdatasync probe.
+        #[arg(long, default_value = "bench/data")]
+        data_dir: PathBuf,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        clients: Vec<usize>,
+        /// How long each client count runs.
+        #[arg(long, default_value = "5s", value_parser = loadgen::parse_duration)]
+        duration: Duration,
+        #[command(flatten)]
+        shape: Shape,
+        /// fdatasyncs and loopback round trips per client count (half before, half after the load).
+        #[arg(long, default_value_t = 1000)]
+        floor_samples: usize,
+        /// Also write the table here, with the date and the machine.
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        #[arg(long, default_value = "")]
+        date: String,
+    },
     /// Rows from pgbench per-transaction logs (`--log`) of one experiment.
     ImportPgbench {
         #[command(flatten)]
@@ -333,6 +366,34 @@ fn main() -> anyhow::Result<()> {
             let errors = rt.block_on(common.preload(&spec));
             if errors > 0 {
                 anyhow::bail!("{errors} of {} writes failed", spec.keys);
+            }
+        }
+        Cmd::Hops {
+            addr,
+            log,
+            data_dir,
+            clients,
+            duration,
+            shape,
+            floor_samples,
+            markdown,
+            date,
+        } => {
+            let setup = cluster_tests::hops::Setup {
+                kv: addr,
+                logs: log,
+                data_dir,
+                clients,
+                duration,
+                keys: shape.keys,
+                value_size: shape.value_size,
+                floor_samples,
+            };
+            let levels = rt.block_on(cluster_tests::hops::run(&setup))?;
+            let table = cluster_tests::hops::table(&levels);
+            print!("{table}");
+            if let Some(path) = markdown {
+                write_markdown(&path, &date, "Where a commit's time goes", &table)?;
             }
         }
         Cmd::List => {

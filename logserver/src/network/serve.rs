@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{codec, Conn, RaftRpc};
 use crate::types::{Raft, TypeConfig};
+use protocol::hops::{self, Hop};
 
 /// Serves Raft RPCs from the other replicas until `shutdown` fires; connections in progress
 /// are dropped then too. Frames over `max_frame` close their connection unread.
@@ -73,6 +74,13 @@ pub(super) fn merge(
     Ok(())
 }
 
+/// `--trace-hops`: when an append's entries were taken from the connection.
+fn mark_recv(req: &AppendEntriesRequest<TypeConfig>) {
+    if let (Some(f), Some(l)) = (req.entries.first(), req.entries.last()) {
+        hops::mark_range(Hop::RaftRecv, f.log_id.index, l.log_id.index, 0);
+    }
+}
+
 /// Handles one peer's requests in order, answering each in order. The leader's pipeline keeps
 /// several appends in flight on one connection (see [`crate::pipeline`]); those that arrive
 /// while Raft is busy with the one before are read meanwhile and, when they continue one
@@ -118,6 +126,9 @@ async fn serve_peer(conn: Conn, raft: Raft, max_frame: usize) {
                     return;
                 }
             };
+            if let RaftRpc::Append(req) = &rpc {
+                mark_recv(req);
+            }
             let cost = u32::try_from(frame.len().clamp(1, max_frame.saturating_mul(2)))
                 .unwrap_or(u32::MAX);
             drop(frame);
