@@ -107,6 +107,9 @@ pub struct LogStore {
     /// Every append, as written, for the leader's replication pipelines.
     feed: Feed,
     gate: Arc<FlushGate>,
+    /// This replica's id when a follower's appends are to be fdatasynced in `append` itself
+    /// (see [`LogStore::sync_inline_when_following`]).
+    inline_sync: Arc<std::sync::OnceLock<u64>>,
 }
 
 /// Counts of `append` calls and of those flushed, for the DKSP batcher: openraft 0.9's core
@@ -124,6 +127,10 @@ impl FlushGate {
     /// `append` calls so far.
     pub fn appends(&self) -> u64 {
         self.appends.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn flushed(&self) -> u64 {
+        self.flushed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until an append after the `appends()` value `seen` was made and everything
@@ -295,6 +302,7 @@ impl LogStore {
             flusher,
             feed: Feed::default(),
             gate,
+            inline_sync: Arc::new(std::sync::OnceLock::new()),
             inner: Arc::new(Mutex::new(Inner {
                 dir: dir.to_path_buf(),
                 entries,
@@ -314,6 +322,16 @@ impl LogStore {
     /// them on before their fdatasync (see [`crate::pipeline`]).
     pub fn feed(&self) -> Feed {
         self.feed.clone()
+    }
+
+    /// Appends of entries another replica made (this one follows) are fdatasynced in `append`
+    /// itself, on the caller's thread, when nothing else is waiting to be flushed: openraft
+    /// 0.9's core waits for the flush before its next command anyway, so the hand-off to the
+    /// flusher thread and back only adds two thread wake-ups to every follower's round. The
+    /// leader's own appends still go to the flusher thread: its core waits, but its runtime
+    /// goes on serving clients and replication meanwhile.
+    pub fn sync_inline_when_following(&self, me: u64) {
+        let _ = self.inline_sync.set(me);
     }
 
     /// Counts of appends made and flushed; see [`FlushGate`].
@@ -622,6 +640,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut published = Vec::new();
         let publish = self.feed.wanted();
         let mut indices: Option<(u64, u64)> = None;
+        // Who made the last entry: this replica when it leads, its leader otherwise.
+        let mut made_by: Option<u64> = None;
         let to_sync = {
             let mut g = self.lock();
             let mut to_sync: Vec<Arc<File>> = Vec::new();
@@ -630,6 +650,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 |e: io::Error| -> StorageError { StorageIOError::write_logs(&e).into() };
             for entry in entries {
                 let index = entry.get_log_id().index;
+                made_by = Some(entry.get_log_id().leader_id.node_id);
                 hops::mark(Hop::LogAppend, index, 0);
                 indices = Some((indices.map_or(index, |(f, _)| f), index));
                 let contiguous = match g.last_index() {
@@ -684,10 +705,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Written, not yet durable: followers may take them now, as Raft allows (the leader
         // counts itself only once its own flush is done).
         self.feed.publish(published);
-        // The disk wait happens on the flusher thread; openraft 0.9's core awaits the callback.
+        let following = self
+            .inline_sync
+            .get()
+            .is_some_and(|me| made_by.is_some_and(|n| n != *me));
+        // Nothing queued for the flusher: the callback fired now is in append order.
+        let idle = self.gate.appends() == self.gate.flushed();
         self.gate
             .appends
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if following && idle {
+            let result = to_sync.iter().try_for_each(|f| f.sync_data());
+            if let Err(e) = &result {
+                tracing::error!("fdatasync of the Raft log failed: {e}");
+            }
+            if let (Some((first, last)), Ok(())) = (indices, &result) {
+                hops::mark_range(Hop::LogFlushed, first, last, 0);
+            }
+            callback.log_io_completed(result);
+            self.gate
+                .flushed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.gate.notify.notify_waiters();
+            return Ok(());
+        }
+        // The disk wait happens on the flusher thread; openraft 0.9's core awaits the callback.
         if let Err(mpsc::SendError(req)) = self.flusher.send(FlushReq {
             files: to_sync,
             callback,

@@ -68,6 +68,10 @@ struct Args {
     /// Raft appends in flight per follower at once (1 = wait for each reply before the next).
     #[arg(long, default_value_t = logserver::pipeline::DEFAULT_DEPTH)]
     raft_pipeline_depth: usize,
+    /// While following, fdatasync each append on the Raft thread instead of handing it to the
+    /// flusher thread (saves two thread wake-ups per replication round).
+    #[arg(long, default_value_t = false, hide = true)]
+    follower_sync_inline: bool,
     /// Bytes per snapshot chunk sent to a replica that must catch up from a snapshot.
     #[arg(long, default_value_t = logserver::network::DEFAULT_SNAPSHOT_CHUNK)]
     snapshot_chunk_bytes: usize,
@@ -186,6 +190,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let raft_addr = raft_listener.local_addr()?;
     let gate = log.flush_gate();
+    if args.follower_sync_inline {
+        log.sync_inline_when_following(args.id);
+    }
     let raft: Raft = Raft::new(
         args.id,
         Arc::new(config),
