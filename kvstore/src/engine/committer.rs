@@ -480,7 +480,10 @@ async fn read_gap_until_done(
                     return GapEnd::FencedMeanwhile(by);
                 }
             }
-            Err(err @ (GapError::Compacted(_) | GapError::Unreadable(..))) => {
+            Err(
+                err
+                @ (GapError::Compacted(_) | GapError::Unreadable(..) | GapError::NoSuccessor(_)),
+            ) => {
                 tracing::error!("log entries {next}..={to} by another writer: {err}");
                 return GapEnd::Unusable;
             }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use protocol::ClientError;
 
 use crate::lifecycle::UNKNOWN_EPOCH;
+use crate::record::RecordError;
 
 /// Why a data command failed; the session answers it as the DKSP error of the same name.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +65,10 @@ pub enum GapError {
     Compacted(u64),
     /// An entry that is not kvstore records: nothing can be vouched for after it.
     #[error("entry {0} is not kvstore records: {1}")]
-    Unreadable(u64, String),
+    Unreadable(u64, RecordError),
+    /// The log's indices ran out after this one.
+    #[error("log index {0} has no successor")]
+    NoSuccessor(u64),
     /// The log did not answer in time, or the connection failed: try again.
     #[error("{0}")]
     Transient(String),
@@ -138,6 +142,7 @@ impl RecoveryError {
             RecoveryError::SequencerBehind { .. }
                 | RecoveryError::FencedWhileStarting(_)
                 | RecoveryError::NoSuccessor(_)
+                | RecoveryError::Gap(GapError::NoSuccessor(_))
         )
     }
 }

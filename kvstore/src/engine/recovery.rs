@@ -223,9 +223,7 @@ impl Engine {
                 let records =
                     Record::parse_entry(&payload).map_err(|e| GapError::Unreadable(i, e))?;
                 self.apply_counted(records, payload.len(), epoch);
-                *next = i
-                    .checked_add(1)
-                    .ok_or_else(|| GapError::Unreadable(i, "an index with no successor".into()))?;
+                *next = i.checked_add(1).ok_or(GapError::NoSuccessor(i))?;
             }
         }
         Ok(())
@@ -268,12 +266,7 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
                 return;
             }
             let Some(after) = after else {
-                let _ = tx
-                    .send(Err(GapError::Unreadable(
-                        last,
-                        "an index with no successor".into(),
-                    )))
-                    .await;
+                let _ = tx.send(Err(GapError::NoSuccessor(last))).await;
                 return;
             };
             next = after;
