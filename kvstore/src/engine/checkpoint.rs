@@ -104,6 +104,15 @@ impl Checkpointer {
         self.last_bytes.store(len, Ordering::Relaxed);
     }
 
+    /// Commits and bytes counted towards the next checkpoint.
+    #[cfg(test)]
+    pub(crate) fn counted(&self) -> (u64, u64) {
+        (
+            self.commits_since.load(Ordering::Relaxed),
+            self.bytes_since.load(Ordering::Relaxed),
+        )
+    }
+
     /// Whether a checkpoint is being captured or uploaded (it holds a copy of the live data).
     pub fn running(&self) -> bool {
         self.running.load(Ordering::SeqCst)

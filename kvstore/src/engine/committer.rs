@@ -33,7 +33,7 @@ use protocol::{Client, ClientError, ErrorCode, LogClient, Response};
 
 use super::batch::{build_batch, expire, expire_sent, Batch, CommitReq, Outbox};
 use super::decide::{after_gap, decide, GapEnd, Returned, Step};
-use super::error::{EngineError, GapError};
+use super::error::EngineError;
 use super::Engine;
 use crate::record::Record;
 
@@ -462,7 +462,7 @@ async fn read_gap_until_done(
     loop {
         match e.read_gap(log, &mut next, to, seen_epoch).await {
             Ok(()) => return GapEnd::Read(*seen_epoch),
-            Err(GapError::Transient(err)) => {
+            Err(err) if err.is_transient() => {
                 tracing::warn!(
                     "reading log entries {next}..={to} by another writer: {err}; retrying"
                 );
@@ -480,10 +480,7 @@ async fn read_gap_until_done(
                     return GapEnd::FencedMeanwhile(by);
                 }
             }
-            Err(
-                err
-                @ (GapError::Compacted(_) | GapError::Unreadable(..) | GapError::NoSuccessor(_)),
-            ) => {
+            Err(err) => {
                 tracing::error!("log entries {next}..={to} by another writer: {err}");
                 return GapEnd::Unusable;
             }

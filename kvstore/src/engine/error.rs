@@ -70,8 +70,34 @@ pub enum GapError {
     #[error("log index {0} has no successor")]
     NoSuccessor(u64),
     /// The log did not answer in time, or the connection failed: try again.
-    #[error("{0}")]
-    Transient(String),
+    #[error(transparent)]
+    Log(ClientError),
+    /// The replica read from has not caught up to entry `next`, which the log has: try again
+    /// (on another replica).
+    #[error("replica {replica} has not caught up to {next}")]
+    Lagging {
+        /// The replica's address.
+        replica: String,
+        /// The first entry it lacks.
+        next: u64,
+    },
+    /// A `READ` of entry `.0` was answered from another index (a reply left over from a failed
+    /// call): try again on a new connection.
+    #[error("READ {0} answered from another index")]
+    OutOfStep(u64),
+    /// An `ERR COMPACTED` without the index the log now starts at: try again.
+    #[error("bad COMPACTED reply: {0}")]
+    BadCompacted(protocol::ServerError),
+}
+
+impl GapError {
+    /// Whether reading again may succeed; otherwise only another kvstore explains the gap.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            GapError::Compacted(_) | GapError::Unreadable(..) | GapError::NoSuccessor(_)
+        )
+    }
 }
 
 /// Why a checkpoint could not be loaded or written. Loading tries again from scratch; a failed

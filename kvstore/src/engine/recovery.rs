@@ -191,10 +191,10 @@ impl Engine {
                 Err(ClientError::Server(e)) if e.code == ErrorCode::Compacted => {
                     return Err(match e.compacted_first() {
                         Some(first) => GapError::Compacted(first),
-                        None => GapError::Transient(format!("bad COMPACTED reply: {e}")),
+                        None => GapError::BadCompacted(e),
                     });
                 }
-                Err(e) => return Err(GapError::Transient(e.to_string())),
+                Err(e) => return Err(GapError::Log(e)),
             };
             if page.is_empty() {
                 // A lagging replica: ask again until it has the entries we know exist, but not
@@ -203,9 +203,10 @@ impl Engine {
                 if empty >= 100 {
                     let replica = log.connected_to().unwrap_or("?").to_string();
                     log.rotate();
-                    return Err(GapError::Transient(format!(
-                        "replica {replica} has not caught up to {next}"
-                    )));
+                    return Err(GapError::Lagging {
+                        replica,
+                        next: *next,
+                    });
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 continue;
@@ -215,9 +216,7 @@ impl Engine {
                 // Out of step with the replica (a reply left over from a failed call): only a
                 // new connection is known good.
                 log.rotate();
-                return Err(GapError::Transient(format!(
-                    "READ {next} answered from another index"
-                )));
+                return Err(GapError::OutOfStep(*next));
             }
             for (i, payload) in page.into_iter().take_while(|(i, _)| *i <= to) {
                 let records =
@@ -246,7 +245,7 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
             let page = match log.read(next, None).await {
                 Ok(page) => page,
                 Err(e) => {
-                    let _ = tx.send(Err(GapError::Transient(e.to_string()))).await;
+                    let _ = tx.send(Err(GapError::Log(e))).await;
                     return;
                 }
             };

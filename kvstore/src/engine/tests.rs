@@ -198,3 +198,54 @@ fn a_large_last_checkpoint_defers_the_next_until_the_log_has_grown_enough() {
     // Ratio 0: the triggers alone.
     assert!(Checkpointer::new(&cfg(0.0)).is_due(100, 1, 100_000_000));
 }
+
+#[test]
+fn one_checkpoint_runs_at_a_time_and_a_failed_one_gives_back_what_it_was_to_cover() {
+    let c = std::sync::Arc::new(Checkpointer::new(&cfg(0.0)));
+    c.count(99, 10);
+    assert!(c.due().is_none(), "99 commits are not due");
+    c.count(1, 10);
+    let ticket = c.due().expect("100 commits are due");
+    assert!(c.running());
+    assert_eq!(c.counted(), (0, 0), "the ticket took them over");
+    c.count(100, 10);
+    assert!(c.due().is_none(), "a second one while the first runs");
+    // The upload fails: the 100 commits it covered count again, on top of the 100 since,
+    // but the next try waits CHECKPOINT_RETRY.
+    drop(ticket);
+    assert!(!c.running());
+    assert_eq!(c.counted(), (200, 30));
+    assert!(c.due().is_none(), "retried at once after a failure");
+}
+
+#[test]
+fn only_a_start_that_cannot_succeed_is_fatal() {
+    use super::error::{GapError, RecoveryError};
+    let fatal = [
+        RecoveryError::SequencerBehind { log: 9, ours: 3 },
+        RecoveryError::FencedWhileStarting(9),
+        RecoveryError::NoSuccessor(u64::MAX),
+        RecoveryError::Gap(GapError::NoSuccessor(u64::MAX)),
+    ];
+    for e in &fatal {
+        assert!(e.is_fatal(), "{e}");
+    }
+    let transient = [
+        RecoveryError::Sequencer(EngineError::Unavailable("unreachable".into())),
+        RecoveryError::Log(protocol::ClientError::Closed),
+        RecoveryError::Gap(GapError::Compacted(5)),
+        RecoveryError::Checkpoint(super::error::CheckpointError::NotConnected),
+    ];
+    for e in &transient {
+        assert!(!e.is_fatal(), "{e}");
+    }
+    // A gap read is retried unless only another kvstore explains the gap.
+    assert!(GapError::Log(protocol::ClientError::Closed).is_transient());
+    assert!(GapError::OutOfStep(3).is_transient());
+    assert!(!GapError::Compacted(5).is_transient());
+    assert!(!GapError::NoSuccessor(u64::MAX).is_transient());
+    // The message names the cause and the remedy, on one line.
+    let msg = fatal[0].to_string();
+    assert!(msg.contains("sequencer is behind the log") && msg.contains("--reset-to"));
+    assert!(!msg.contains('\n'));
+}
