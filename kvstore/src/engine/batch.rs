@@ -146,7 +146,7 @@ pub(crate) struct Outbox {
     /// Encoded bytes of `queue`.
     pub(crate) queued_bytes: usize,
     /// Timestamps of refused entries that may have been appended all the same (see
-    /// [`reject_batch`]), resolved once a later entry lands.
+    /// `committer::reject_batch`), resolved once a later entry lands.
     pub(crate) unsettled: Vec<u64>,
     pub(crate) client: Bytes,
     pub(crate) seq: u64,

@@ -5,11 +5,11 @@
 //! (the two triggers), that one is under way, the last one's size (the ratio), and when to try
 //! again after a failure. Its invariants:
 //! - at most one checkpoint is under way ([`Checkpointer::due`] hands out one [`Ticket`]);
-//! - a ticket dropped without [`Ticket::written`] (an error, a panic, the task cancelled) gives
+//! - a ticket dropped without `Ticket::written` (an error, a panic, the task cancelled) gives
 //!   back the commits and bytes it was meant to cover, so a failed upload does not defer the
 //!   next checkpoint by a whole ratio's worth of log, and the next try waits
-//!   [`CHECKPOINT_RETRY`];
-//! - the capture sees exactly the state at its log index: the committer calls [`start`] with
+//!   `CHECKPOINT_RETRY`;
+//! - the capture sees exactly the state at its log index: the committer calls `start` with
 //!   everything up to the index applied and applies nothing until the copy is done. The copy is
 //!   the only part that holds up commits; reads go on between its pieces, and encoding and
 //!   upload run in the background.

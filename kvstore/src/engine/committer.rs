@@ -110,7 +110,7 @@ async fn next_reply(leader: &mut Leader) -> Result<Response, ClientError> {
 }
 
 /// Group commit with pipelining: everything queued becomes one log entry (up to
-/// [`BATCH_BYTES`] of `APPEND` line), up to [`MAX_INFLIGHT_BATCHES`] entries are in flight on
+/// [`BATCH_BYTES`](super::batch::BATCH_BYTES) of `APPEND` line), up to [`MAX_INFLIGHT_BATCHES`] entries are in flight on
 /// one connection, and their replies come back in log order, so batches are applied in log
 /// order. If the connection fails or the leader changes, every unacknowledged batch is sent
 /// again with its `(client, seq)`: the log's dedupe returns the original index for those that

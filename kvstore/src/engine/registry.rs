@@ -2,7 +2,7 @@
 //!
 //! All timestamps come from the sequencer, in blocks (`NEXT n`) that this process hands out in
 //! order under one mutex. Taking a commit timestamp and registering the commit as *in flight*
-//! happen in the same critical section ([`Engine::with_ts`]), so there is no moment when a
+//! happen in the same critical section (`Engine::with_ts`), so there is no moment when a
 //! timestamp is taken but invisible. Invariants of [`Registry`]:
 //! - every timestamp handed out is below `next`, and `next` only grows;
 //! - a commit is in flight from its timestamp until it is applied or known never to be, and
