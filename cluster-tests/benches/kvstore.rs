@@ -300,7 +300,7 @@ fn main() {
         let replay = log.lines().find(|l| l.contains("replayed")).unwrap_or("").to_string();
         let ckpt = log.lines().find(|l| l.contains("loaded checkpoint")).unwrap_or("(no checkpoint)").to_string();
         println!("kill -9 and restart: serving again {:.2} s after the kill", took.as_secs_f64());
-        println!("  {}", ckpt.split("kvstore::engine: ").last().unwrap_or(""));
-        println!("  {}", replay.split("kvstore::engine: ").last().unwrap_or(""));
+        println!("  {}", ckpt.split("kvstore::engine::recovery: ").last().unwrap_or(""));
+        println!("  {}", replay.split("kvstore::engine::recovery: ").last().unwrap_or(""));
     });
 }

@@ -1,7 +1,8 @@
 //! The kvstore's commit path against a log that refuses its entries or cannot take them (issue
 //! #18): an entry over the log's line limit fails alone and is never retried (item 1), a log
 //! without a majority gets commits answered `ERR UNAVAILABLE` within `--commit-timeout-secs`
-//! while reads go on (item 4), and a recovery that retries counts each commit once (item 17).
+//! while reads go on (item 4), a recovery that retries counts each commit once (item 17), and
+//! one that cannot succeed (a sequencer behind the log) stops the process with its reason (#13).
 
 use bytes::Bytes;
 use cluster_tests::{bin, wait_serving, wait_until, LogCluster, Proc, System};
@@ -225,24 +226,21 @@ fn reset_sequencer(sys: &System, mark: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_recovery_that_retries_counts_each_commit_once() {
     let mut sys = System::start(&[]).await;
-    // Move the timestamps far up, so a sequencer that loses its state is behind the log.
-    sys.kill_kv();
-    sys.seq.proc_.kill9();
-    reset_sequencer(&sys, 1_000_000_000);
-    sys.seq.crash_and_restart().await;
-    sys.start_kv().await;
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
     for i in 0..5 {
         c.put(format!("k{i}"), "v").await.unwrap();
     }
     drop(c);
     sys.kill_kv();
+    let last = sys.log.status(0).await.unwrap()["last"].parse().unwrap();
+    for i in 0..3 {
+        sys.log.wait_applied(i, last).await;
+    }
 
-    // A sequencer behind the log's epoch: every recovery replays, then gives up and retries.
-    sys.seq.proc_.kill9();
-    std::fs::remove_dir_all(&sys.seq.data_dir).unwrap();
-    std::fs::create_dir_all(&sys.seq.data_dir).unwrap();
-    sys.seq.crash_and_restart().await;
+    // One log replica left: every recovery loads and replays from it, then cannot append its
+    // EPOCH without a majority, gives up and retries.
+    sys.log.kill9(1);
+    sys.log.kill9(2);
     let log = sys.log.dir.path().join("kvstore-retrying.log");
     let mut kv = Proc::spawn("kvstore", &sys.kv_args(sys.kv_addr), &log);
     let log_path = log.clone();
@@ -254,14 +252,56 @@ async fn a_recovery_that_retries_counts_each_commit_once() {
         }
     })
     .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("replayed"), "{text}");
 
-    // The sequencer catches up; the next attempt succeeds.
-    sys.seq.proc_.kill9();
-    reset_sequencer(&sys, 2_000_000_000);
-    sys.seq.crash_and_restart().await;
+    // The majority is back; the next attempt succeeds.
+    sys.log.restart(1).await;
+    sys.log.restart(2).await;
     wait_serving(sys.kv_addr, &mut kv).await;
     let s = cluster_tests::status(sys.kv_addr).await.unwrap();
     assert_eq!(s["commits"], "5", "{s:?}");
     let mut c = Client::connect(sys.kv_addr).await.unwrap();
     assert_eq!(c.get("k4").await.unwrap(), Some(Bytes::from("v")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequencer_behind_the_log_stops_the_kvstore_with_a_message_naming_the_cause() {
+    let mut sys = System::start(&[]).await;
+    // Move the timestamps far up, so a sequencer that loses its state is behind the log.
+    sys.kill_kv();
+    sys.seq.proc_.kill9();
+    reset_sequencer(&sys, 1_000_000_000);
+    sys.seq.crash_and_restart().await;
+    sys.start_kv().await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.put("k", "v").await.unwrap();
+    drop(c);
+    sys.kill_kv();
+
+    // A sequencer that lost its state would hand out timestamps the log already used:
+    // retrying cannot mend that, so the kvstore exits and says why.
+    sys.seq.proc_.kill9();
+    std::fs::remove_dir_all(&sys.seq.data_dir).unwrap();
+    std::fs::create_dir_all(&sys.seq.data_dir).unwrap();
+    sys.seq.crash_and_restart().await;
+    let log = sys.log.dir.path().join("kvstore-behind.log");
+    let mut kv = Proc::spawn("kvstore", &sys.kv_args(sys.kv_addr), &log);
+    let status = kv.wait_exit(GENEROUS).expect("the kvstore exits");
+    assert!(!status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let reason = text.lines().last().unwrap_or_default();
+    assert!(
+        reason.contains("the sequencer is behind the log") && reason.contains("--reset-to"),
+        "{text}"
+    );
+    assert!(!text.contains("recovery failed, retrying"), "{text}");
+
+    // Once the operator moves the sequencer past the log, a new kvstore serves the data.
+    sys.seq.proc_.kill9();
+    reset_sequencer(&sys, 2_000_000_000);
+    sys.seq.crash_and_restart().await;
+    sys.start_kv().await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    assert_eq!(c.get("k").await.unwrap(), Some(Bytes::from("v")));
 }

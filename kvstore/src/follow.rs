@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use protocol::log::Request as LogRequest;
 use protocol::log_client::Replicas;
-use protocol::{Client, ErrorCode, Response};
+use protocol::{Client, ClientError, ErrorCode, Response};
 
-use crate::engine::{Engine, Mode, UNKNOWN_EPOCH};
+use crate::lifecycle::{Lifecycle, Mode, UNKNOWN_EPOCH};
 use crate::record::Record;
 
 /// Wait before reconnecting after a failed connection, so a dead replica costs no busy loop.
@@ -40,10 +40,10 @@ const RETRY: Duration = Duration::from_millis(200);
 /// off with its connection open: start over on the next replica this often.
 const RESUBSCRIBE: Duration = Duration::from_secs(10);
 
-/// Follows the log from index `from` until this kvstore is fenced.
-pub async fn follow(e: Arc<Engine>, from: u64) {
+/// Follows the log (replicas `addrs`) from index `from` until this kvstore is fenced.
+pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, from: u64) {
     let epoch = e.epoch();
-    let mut replicas = Replicas::new(e.log_addrs().to_vec());
+    let mut replicas = Replicas::new(addrs);
     // The committer starts with the first address; start elsewhere when there is an elsewhere.
     replicas.rotate();
     let mut cursor = from;
@@ -52,7 +52,7 @@ pub async fn follow(e: Arc<Engine>, from: u64) {
             return;
         }
         let addr = replicas.current().to_string();
-        cursor = cursor.max(e.applied_index() + 1);
+        cursor = cursor.max(e.applied_index().saturating_add(1));
         let tailed = tokio::time::timeout(RESUBSCRIBE, tail_once(&addr, epoch, &mut cursor)).await;
         match tailed {
             Ok(Ok(Ended::Newer(newer))) => {
@@ -63,7 +63,7 @@ pub async fn follow(e: Arc<Engine>, from: u64) {
             Ok(Ok(Ended::Compacted(first))) => {
                 // This kvstore's own checkpoints never go past what it has applied, so a
                 // compaction beyond that is another writer's.
-                if first > e.applied_index() + 1 {
+                if first > e.applied_index().saturating_add(1) {
                     tracing::error!(
                         "fenced: another writer checkpointed the log up to {} (seen by TAIL)",
                         first - 1
@@ -89,35 +89,47 @@ enum Ended {
     Compacted(u64),
 }
 
+/// Why a `TAIL` stream failed; the follower moves to the next replica either way.
+#[derive(Debug, thiserror::Error)]
+enum TailError {
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("log index {0} has no successor")]
+    NoSuccessor(u64),
+    #[error("bad COMPACTED reply: {0}")]
+    BadCompacted(protocol::ServerError),
+    #[error("unexpected reply to TAIL: {0:?}")]
+    Unexpected(Response),
+}
+
 /// One `TAIL` connection, until a newer epoch or a compaction ends it, or it fails.
-async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Ended, String> {
+async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Ended, TailError> {
     let mut c = tokio::time::timeout(Duration::from_secs(1), Client::connect(addr))
         .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|err| err.to_string())?;
+        .map_err(|_| TailError::ConnectTimeout)??;
     let tail = LogRequest::Tail {
         from: *cursor,
         prefix: Some(bytes::Bytes::from_static(b"EPOCH ")),
     };
     c.send(&tail.encode());
-    c.flush().await.map_err(|err| err.to_string())?;
+    c.flush().await?;
     loop {
-        match c.recv().await.map_err(|err| err.to_string())? {
+        match c.recv().await? {
             Response::Entry(index, payload) => {
                 if let Some(newer) = Record::epochs(&payload).find(|&x| x > epoch) {
                     return Ok(Ended::Newer(newer));
                 }
-                *cursor = index
-                    .checked_add(1)
-                    .ok_or_else(|| format!("log index {index} has no successor"))?;
+                *cursor = index.checked_add(1).ok_or(TailError::NoSuccessor(index))?;
             }
             Response::Err(err) if err.code == ErrorCode::Compacted => {
                 let first = err
                     .compacted_first()
-                    .ok_or_else(|| format!("bad COMPACTED reply: {err}"))?;
+                    .ok_or_else(|| TailError::BadCompacted(err.clone()))?;
                 return Ok(Ended::Compacted(first));
             }
-            r => return Err(format!("unexpected reply to TAIL: {r:?}")),
+            r => return Err(TailError::Unexpected(r)),
         }
     }
 }

@@ -8,10 +8,13 @@
 //! - [`engine`]: timestamps, snapshots, first-committer-wins, group commit, fencing, recovery,
 //!   checkpoints.
 //! - [`follow`]: `TAIL`s the log to notice at once that a newer kvstore took over.
+//! - [`lifecycle`]: starting, replaying, serving or fenced; the epoch and the applied index,
+//!   shared by the engine and the follower.
 //! - [`limits`]: per-transaction and server-wide limits on buffered writes and snapshot age.
 //! - [`server`]: sessions and the DKSP commands.
 pub mod engine;
 pub mod follow;
+pub mod lifecycle;
 pub mod limits;
 pub mod mvcc;
 pub mod record;

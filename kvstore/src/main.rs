@@ -143,17 +143,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         budget: Budget::new(args.max_buffered_mib.max(1).saturating_mul(1 << 20)),
     });
     let shutdown = CancellationToken::new();
+    let serving_engine = engine.clone();
     let serving = tokio::spawn(protocol::server::serve_with(
         listener,
         args.conn
             .options(args.max_line, 1024, 3600.max(args.txn_timeout_secs)),
         shutdown.clone(),
-        move |conn, token| kvstore::server::handle(conn, engine.clone(), limits.clone(), token),
+        move |conn, token| {
+            kvstore::server::handle(conn, serving_engine.clone(), limits.clone(), token)
+        },
     ));
-    protocol::server::shutdown_signal().await;
+    // A recovery that cannot succeed stops the process with its reason (one line).
+    let stopped = tokio::select! {
+        () = protocol::server::shutdown_signal() => None,
+        err = engine.stopped() => Some(err),
+    };
     tracing::info!("shutting down");
     shutdown.cancel();
     let _ = serving.await;
+    if let Some(err) = stopped {
+        // One line, whatever RUST_BACKTRACE says: this is the operator's answer, not a bug.
+        eprintln!("Error: {err}");
+        std::process::exit(1);
+    }
     Ok(())
 }
 

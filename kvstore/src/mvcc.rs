@@ -227,10 +227,25 @@ impl Store {
         last.cloned()
     }
 
-    /// (keys, versions, bytes of keys and values).
-    pub fn stats(&self) -> (usize, usize, usize) {
-        (self.keys.len(), self.versions, self.bytes)
+    /// Live keys, versions, and bytes of keys and values.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            keys: self.keys.len(),
+            versions: self.versions,
+            bytes: self.bytes,
+        }
     }
+}
+
+/// How much a [`Store`] holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Live keys.
+    pub keys: usize,
+    /// Versions, over all keys.
+    pub versions: usize,
+    /// Bytes of keys and values, over all versions.
+    pub bytes: usize,
 }
 
 /// A page of a scan (see [`Store::scan_page`]).
@@ -348,11 +363,11 @@ mod tests {
             "the watermark snapshot reads the same"
         );
         assert_eq!(s.get(b"k", 1000), Some(b("10")));
-        assert_eq!(s.stats().1, 6 + 2);
+        assert_eq!(s.stats().versions, 6 + 2);
         // Everything below a high watermark goes, including a deleted key entirely.
         s.collect_garbage(1000);
-        assert_eq!(s.stats().0, 1, "tombstoned key removed");
-        assert_eq!(s.stats().1, 1);
+        assert_eq!(s.stats().keys, 1, "tombstoned key removed");
+        assert_eq!(s.stats().versions, 1);
         assert_eq!(s.get(b"k", 1000), Some(b("10")));
     }
 }

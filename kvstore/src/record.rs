@@ -49,7 +49,7 @@ impl Record {
     }
 
     /// Parses every record of one log entry.
-    pub fn parse_entry(payload: &[u8]) -> Result<Vec<Record>, String> {
+    pub fn parse_entry(payload: &[u8]) -> Result<Vec<Record>, RecordError> {
         payload
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
@@ -70,11 +70,11 @@ impl Record {
             })
     }
 
-    fn parse_line(line: &[u8]) -> Result<Record, String> {
-        let args = token::split(line).map_err(|e| e.0)?;
-        let num = |i: usize| -> Result<u64, String> {
-            let a = args.get(i).ok_or("record too short")?;
-            protocol::response::parse_u64(a)
+    fn parse_line(line: &[u8]) -> Result<Record, RecordError> {
+        let args = token::split(line).map_err(|e| RecordError::Unquotable(e.0))?;
+        let num = |i: usize| -> Result<u64, RecordError> {
+            let a = args.get(i).ok_or(RecordError::TooShort)?;
+            protocol::response::parse_u64(a).map_err(RecordError::BadNumber)
         };
         match args.first().map(|a| &a[..]) {
             Some(b"EPOCH") if args.len() == 2 => Ok(Record::Epoch(num(1)?)),
@@ -92,14 +92,34 @@ impl Record {
                             writes.push((args[i + 1].clone(), None));
                             i += 2;
                         }
-                        _ => return Err(format!("bad write at argument {i}")),
+                        _ => return Err(RecordError::BadWrite(i)),
                     }
                 }
                 Ok(Record::Commit { ts, epoch, writes })
             }
-            _ => Err(format!("unknown record {}", token::display(line))),
+            _ => Err(RecordError::Unknown(token::display(line).to_string())),
         }
     }
+}
+
+/// Why a log entry is not kvstore records. It is deterministic: the same entry never parses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// The line does not split into arguments.
+    #[error("{0}")]
+    Unquotable(String),
+    /// A record with fewer arguments than its kind needs.
+    #[error("record too short")]
+    TooShort,
+    /// A timestamp or epoch that is not a number.
+    #[error("{0}")]
+    BadNumber(String),
+    /// A `COMMIT` whose writes do not parse, at this argument.
+    #[error("bad write at argument {0}")]
+    BadWrite(usize),
+    /// Neither `EPOCH` nor `COMMIT`.
+    #[error("unknown record {0}")]
+    Unknown(String),
 }
 
 #[cfg(test)]

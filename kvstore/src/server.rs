@@ -516,8 +516,17 @@ impl Session {
     }
 
     fn status(&self) -> Response {
-        let (applied, epoch, open, inflight) = self.engine.positions();
-        let (keys, versions, bytes) = self
+        let crate::engine::Positions {
+            applied,
+            epoch,
+            open,
+            inflight,
+        } = self.engine.positions();
+        let crate::mvcc::StoreStats {
+            keys,
+            versions,
+            bytes,
+        } = self
             .engine
             .store
             .read()

@@ -49,6 +49,47 @@ impl Replicas {
     }
 }
 
+/// A log replica's `STATUS`, the fields a client acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogStatus {
+    /// The first index the replica still holds (entries before it are compacted).
+    pub first: u64,
+    /// The last committed index.
+    pub last: u64,
+}
+
+/// The log's current checkpoint, as `CKPT_INFO` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// The checkpoint's id, for `CKPT_READ`.
+    pub id: u64,
+    /// The log index it covers (entries up to it are in it).
+    pub index: u64,
+    /// Its size in bytes.
+    pub len: u64,
+    /// Its CRC32C.
+    pub crc: u32,
+}
+
+/// The `key=value` arguments of an `OK` reply, as pairs.
+fn pairs(args: &[Bytes]) -> Vec<(&[u8], &[u8])> {
+    args.iter()
+        .map(|a| match a.iter().position(|&b| b == b'=') {
+            Some(i) => (&a[..i], &a[i + 1..]),
+            None => (&a[..], &b""[..]),
+        })
+        .collect()
+}
+
+/// The number in field `name` of `pairs`, or a protocol error naming the reply.
+fn field(pairs: &[(&[u8], &[u8])], reply: &str, name: &str) -> Result<u64> {
+    let (_, v) = pairs
+        .iter()
+        .find(|(k, _)| *k == name.as_bytes())
+        .ok_or_else(|| ClientError::Protocol(format!("{reply} lacks {name}")))?;
+    parse_u64(v).map_err(|e| ClientError::Protocol(format!("{reply} {name}: {e}")))
+}
+
 pub struct LogClient {
     replicas: Replicas,
     conn: Option<(String, Client)>,
@@ -150,6 +191,41 @@ impl LogClient {
         }
     }
 
+    /// `STATUS` of the leader.
+    pub async fn status(&mut self) -> Result<LogStatus> {
+        match self.call_leader(b"STATUS").await? {
+            Response::Ok(args) => {
+                let p = pairs(&args);
+                Ok(LogStatus {
+                    first: field(&p, "STATUS", "first")?,
+                    last: field(&p, "STATUS", "last")?,
+                })
+            }
+            Response::Err(e) => Err(ClientError::Server(e)),
+            r => Err(ClientError::Unexpected(r)),
+        }
+    }
+
+    /// `CKPT_INFO`: the log's current checkpoint, `None` if it has none yet.
+    pub async fn checkpoint_info(&mut self) -> Result<Option<CheckpointInfo>> {
+        match self.call_leader(b"CKPT_INFO").await? {
+            Response::Ok(args) => {
+                let p = pairs(&args);
+                let crc = field(&p, "CKPT_INFO", "crc")?;
+                Ok(Some(CheckpointInfo {
+                    id: field(&p, "CKPT_INFO", "id")?,
+                    index: field(&p, "CKPT_INFO", "index")?,
+                    len: field(&p, "CKPT_INFO", "len")?,
+                    crc: u32::try_from(crc)
+                        .map_err(|_| ClientError::Protocol(format!("CKPT_INFO crc {crc}")))?,
+                }))
+            }
+            Response::Err(e) if e.code == ErrorCode::NotFound => Ok(None),
+            Response::Err(e) => Err(ClientError::Server(e)),
+            r => Err(ClientError::Unexpected(r)),
+        }
+    }
+
     /// `READ` from whichever replica this client is connected to (entries are committed ones).
     pub async fn read(&mut self, from: u64, max: Option<u64>) -> Result<Vec<(u64, Bytes)>> {
         let start = Instant::now();
@@ -183,4 +259,28 @@ async fn within<T>(
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or_else(|_| Err(ClientError::Io(std::io::ErrorKind::TimedOut.into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_and_checkpoint_fields_are_found_by_name_and_a_missing_one_is_an_error() {
+        let args: Vec<Bytes> = ["role=leader", "first=3", "last=17", "flag"]
+            .iter()
+            .map(|a| Bytes::from(*a))
+            .collect();
+        let p = pairs(&args);
+        assert_eq!(field(&p, "STATUS", "last").ok(), Some(17));
+        assert_eq!(field(&p, "STATUS", "first").ok(), Some(3));
+        assert!(matches!(
+            field(&p, "STATUS", "commit"),
+            Err(ClientError::Protocol(_))
+        ));
+        assert!(matches!(
+            field(&p, "STATUS", "role"),
+            Err(ClientError::Protocol(_))
+        ));
+    }
 }
