@@ -181,6 +181,30 @@ struct Shared {
     snapshot_seq: AtomicU64,
 }
 
+/// Where the applied log stands ([`StateMachine::positions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positions {
+    /// The first logical index still retained (older ones are compacted by a checkpoint).
+    pub first: u64,
+    /// The last logical index applied (0 before the first).
+    pub last: u64,
+    /// The Raft log id of the last entry applied.
+    pub last_applied: Option<LogId>,
+}
+
+/// The current checkpoint, as `CKPT_INFO` reports it ([`StateMachine::checkpoint_info`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// The id its writer gave it.
+    pub id: u64,
+    /// The logical index it covers up to.
+    pub index: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The CRC32C of its bytes.
+    pub crc: u32,
+}
+
 /// The state machine. Clones share one state: openraft drives one, the DKSP server reads another.
 #[derive(Clone)]
 pub struct StateMachine {
@@ -264,14 +288,14 @@ impl StateMachine {
         self.shared.applied.subscribe()
     }
 
-    /// (first retained logical index, last applied logical index, last applied Raft log id).
-    pub fn positions(&self) -> (u64, u64, Option<LogId>) {
+    /// Where the applied log stands.
+    pub fn positions(&self) -> Positions {
         let d = self.read_data();
-        (
-            d.first_index,
-            d.next_index.saturating_sub(1),
-            d.last_applied,
-        )
+        Positions {
+            first: d.first_index,
+            last: d.next_index.saturating_sub(1),
+            last_applied: d.last_applied,
+        }
     }
 
     /// The index already given to `(client, seq)`, if it was applied.
@@ -280,12 +304,15 @@ impl StateMachine {
         d.dedupe.get(client)?.seqs.get(&seq).copied()
     }
 
-    /// The current checkpoint's (id, index, len, crc).
-    pub fn checkpoint_info(&self) -> Option<(u64, u64, u64, u32)> {
+    /// The current checkpoint, if there is one.
+    pub fn checkpoint_info(&self) -> Option<CheckpointInfo> {
         let d = self.read_data();
-        d.checkpoint
-            .as_ref()
-            .map(|c| (c.id, c.index, c.data.len() as u64, c.crc))
+        d.checkpoint.as_ref().map(|c| CheckpointInfo {
+            id: c.id,
+            index: c.index,
+            len: c.data.len() as u64,
+            crc: c.crc,
+        })
     }
 
     /// Up to `max` bytes of the current checkpoint from `offset`, if checkpoint `id` is current.
@@ -580,98 +607,4 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The layout of `StoredSnapshot` before its data became `Bytes`.
-    #[derive(Serialize)]
-    struct VecSnapshot {
-        meta: SnapshotMeta,
-        data: Vec<u8>,
-    }
-
-    #[test]
-    fn snapshot_files_written_with_a_vec_still_decode() {
-        let meta = SnapshotMeta {
-            last_log_id: None,
-            last_membership: StoredMembership::default(),
-            snapshot_id: "T1-N1-42-0".into(),
-        };
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let old = postcard::to_stdvec(&VecSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .unwrap();
-        let new = StoredSnapshot {
-            meta,
-            data: Bytes::from(data.clone()),
-        };
-        assert_eq!(
-            postcard::to_stdvec(&new).unwrap(),
-            old,
-            "same bytes on disk"
-        );
-        let file = encode_snapshot_file(&new).unwrap();
-        let back = decode_snapshot_file(&file).unwrap();
-        assert_eq!(back.data, data);
-        assert_eq!(back.meta.snapshot_id, "T1-N1-42-0");
-    }
-
-    fn append(d: &mut SmData, seq: u64, payload: &'static [u8]) -> OpResult {
-        apply_op(
-            d,
-            Op::Append {
-                client: Bytes::from_static(b"kv-1"),
-                seq,
-                payload: Bytes::from_static(payload),
-            },
-        )
-    }
-
-    #[test]
-    fn a_seq_left_unused_does_not_disturb_the_next_appends() {
-        // The kvstore skips the seq of an APPEND the log refused (too large, say): seqs are
-        // remembered as a set, not as a counter that must advance by one.
-        let mut d = SmData::default();
-        assert!(matches!(append(&mut d, 1, b"a"), OpResult::Appended(1)));
-        assert!(matches!(append(&mut d, 3, b"c"), OpResult::Appended(2)));
-        assert!(matches!(append(&mut d, 4, b"d"), OpResult::Appended(3)));
-        // Retries still answer the original index; the skipped seq was never taken.
-        assert!(matches!(append(&mut d, 3, b"c"), OpResult::Duplicate(2)));
-        assert!(matches!(append(&mut d, 1, b"a"), OpResult::Duplicate(1)));
-        assert_eq!(d.next_index, 4);
-        assert_eq!(d.entries.len(), 3);
-    }
-}
-
-#[cfg(test)]
-mod staging_tests {
-    use super::*;
-
-    /// The layout snapshots used when the staged bytes were one `Vec<u8>`.
-    #[derive(Serialize, Deserialize, PartialEq, Debug)]
-    struct OldStaging {
-        id: u64,
-        data: Vec<u8>,
-    }
-
-    #[test]
-    fn staged_chunks_are_stored_in_snapshots_exactly_as_the_old_contiguous_bytes() {
-        let mut data = Chunks::default();
-        for part in [&b"hello "[..], b"", b"checkpoint", b" world"] {
-            data.push(Bytes::copy_from_slice(part));
-        }
-        assert_eq!(data.len(), 22);
-        assert_eq!(data.crc32c(), crc32c::crc32c(b"hello checkpoint world"));
-        let new = postcard::to_allocvec(&Staging { id: 7, data }).unwrap();
-        let old = OldStaging {
-            id: 7,
-            data: b"hello checkpoint world".to_vec(),
-        };
-        assert_eq!(new, postcard::to_allocvec(&old).unwrap());
-        let back: Staging = postcard::from_bytes(&postcard::to_allocvec(&old).unwrap()).unwrap();
-        assert_eq!(back.id, 7);
-        assert_eq!(&back.data.join()[..], b"hello checkpoint world");
-    }
-}
+mod tests;
