@@ -28,7 +28,6 @@
 //!   blind submit, which has no snapshot and so no conflict to answer.
 
 use bytes::Bytes;
-use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
 use tokio::time::Instant;
@@ -39,85 +38,13 @@ use protocol::kv::Request;
 use protocol::{Connection, ErrorCode, Response, ServerError};
 
 use crate::engine::{Engine, EngineError, Mode, Outcome, Submitted};
-use crate::limits::{Limits, Reservation};
+use crate::limits::Limits;
 use tokio::sync::oneshot;
 
 mod scan;
+mod txn;
 
-struct Txn {
-    start_ts: u64,
-    /// When the snapshot was taken, for `--max-snapshot-age-secs`.
-    began: Instant,
-    writes: BTreeMap<Bytes, Option<Bytes>>,
-    /// Key + value bytes of `writes` (a delete counts its key).
-    bytes: usize,
-    /// This transaction's share of the server-wide budget, `bytes` large.
-    reservation: Reservation,
-}
-
-impl Txn {
-    /// When its snapshot becomes too old (`None`: a limit past the clock's range).
-    fn old_at(&self, limits: &Limits) -> Option<Instant> {
-        self.began.checked_add(limits.max_snapshot_age)
-    }
-
-    fn too_old(&self, limits: &Limits) -> bool {
-        self.old_at(limits).is_some_and(|at| Instant::now() >= at)
-    }
-
-    /// Buffers a write, within `--max-txn-bytes` and the server-wide budget; a write past
-    /// either is refused and the caller aborts the transaction.
-    fn buffer(
-        &mut self,
-        limits: &Limits,
-        key: Bytes,
-        value: Option<Bytes>,
-    ) -> Result<(), WriteRefused> {
-        let old = self
-            .writes
-            .get(&key)
-            .map_or(0, |v| write_size(&key, v.as_ref()));
-        let total = self
-            .bytes
-            .saturating_sub(old)
-            .saturating_add(write_size(&key, value.as_ref()));
-        let max = limits.max_txn_bytes;
-        if total > max {
-            return Err(WriteRefused {
-                code: ErrorCode::TooLarge,
-                reason: "TOO_LARGE",
-                why: format!(
-                    "its writes would total {total} bytes (keys + values), over the limit of {max} bytes (--max-txn-bytes)"
-                ),
-                then: "",
-            });
-        }
-        if !self.reservation.resize(total) {
-            return Err(WriteRefused {
-                code: ErrorCode::Unavailable,
-                reason: "UNAVAILABLE",
-                why: format!(
-                    "the server's budget for buffered transaction writes ({} bytes, --max-buffered-mib) is used up",
-                    limits.budget.limit()
-                ),
-                then: " and retry later",
-            });
-        }
-        self.writes.insert(key, value);
-        self.bytes = total;
-        Ok(())
-    }
-}
-
-/// A transaction's write refused: the error the client gets, and the abort it causes.
-struct WriteRefused {
-    code: ErrorCode,
-    /// The reason word a later `COMMIT` answers.
-    reason: &'static str,
-    why: String,
-    /// What the client should do besides ending the transaction.
-    then: &'static str,
-}
+use txn::{write_size, Txn};
 
 /// Why a transaction was aborted under the client: the reason word `COMMIT` answers
 /// (`ABORTED <reason>`) and a sentence for people.
@@ -151,15 +78,6 @@ fn engine_err(e: EngineError) -> Response {
         e @ EngineError::Fenced(_) => Response::err(ErrorCode::Fenced, e.to_string()),
         EngineError::TooLarge(m) => Response::err(ErrorCode::TooLarge, m),
     }
-}
-
-/// Bytes a write counts against `--max-txn-bytes`: its key plus its value plus
-/// [`crate::limits::WRITE_OVERHEAD`], so that many tiny writes cannot make a log entry that
-/// quoting blows past the log's line limit.
-fn write_size(key: &[u8], value: Option<&Bytes>) -> usize {
-    key.len()
-        .saturating_add(value.map_or(0, Bytes::len))
-        .saturating_add(crate::limits::WRITE_OVERHEAD)
 }
 
 impl Session {
@@ -314,13 +232,7 @@ impl Session {
         }
         match self.engine.begin().await {
             Ok(s) => {
-                self.txn = Some(Txn {
-                    start_ts: s,
-                    began: Instant::now(),
-                    writes: BTreeMap::new(),
-                    bytes: 0,
-                    reservation: self.limits.budget.reserve(),
-                });
+                self.txn = Some(Txn::new(s, self.limits.budget.reserve()));
                 Response::Ok(vec![Bytes::from(s.to_string())])
             }
             Err(e) => {
