@@ -7,7 +7,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
-use super::*;
+use super::Target;
 
 /// How one request or transaction ended, short of a broken connection.
 #[derive(Debug, PartialEq)]

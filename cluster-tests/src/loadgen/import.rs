@@ -1,9 +1,10 @@
-//! Other tools' output: pgbench's per-transaction log and redis-benchmark's CSV, as the same figures.
+//! Other tools' output: pgbench's per-transaction log and redis-benchmark's CSV, as the same
+//! figures.
 
 use anyhow::anyhow;
 use hdrhistogram::Histogram;
 
-use super::*;
+use super::histogram;
 
 /// pgbench's per-transaction log (`--log`): `client txn latency_us script epoch epoch_us ...`,
 /// with `failed` as the latency of a transaction that ended in a serialization or deadlock

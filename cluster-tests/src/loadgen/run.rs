@@ -1,4 +1,5 @@
-//! Running: the closed-loop clients, their shared progress counters and budget, and the merge of their histograms into a [`Row`].
+//! Running: the closed-loop clients, their shared progress counters and budget, and the merge of
+//! their histograms into a [`Row`].
 
 use hdrhistogram::Histogram;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -9,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::conn::{Conn, Outcome};
-use super::*;
+use super::{
+    histogram, key_name, meta, summarize, value, Dist, Limit, Row, Spec, Target, Workload, Zipf,
+};
 
 /// Shared by the clients: what the progress line shows, and the operation budget.
 struct Shared {

@@ -1,6 +1,6 @@
 //! The standard set: the experiments every system runs (`dtkv-bench list`).
 
-use super::*;
+use super::{Dist, Workload};
 
 /// One experiment of the standard set; every system runs the same list (`dtkv-bench list`).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,6 +1,6 @@
 //! Tables: rows as markdown, medians over rounds, and the comparison of systems.
 
-use super::*;
+use super::Row;
 
 fn thousands(n: f64) -> String {
     let s = format!("{:.0}", n.max(0.0));
