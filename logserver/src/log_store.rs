@@ -28,17 +28,27 @@ use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogId, RaftLogReader, 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::ops::RangeBounds;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 
-use protocol::record::{replace_file, sync_dir, FileError, Format, IoAt};
+use protocol::record::replace_file;
 
 use crate::pipeline::Feed;
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 use protocol::hops::{self, Hop};
+
+mod flusher;
+mod segments;
+
+pub use flusher::FlushGate;
+use flusher::{run_flusher, FlushReq};
+use segments::{
+    flush_buf, read_small, scan_segment, segment_name, small_bytes, Inner, Loc, Scanned, Segment,
+    RECORD,
+};
 
 /// A segment is closed and a new one started once it is this large.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -68,37 +78,6 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogStoreError + '_ {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Loc {
-    /// First index of the segment holding the record.
-    segment: u64,
-    /// Byte offset of the record in that segment.
-    offset: u64,
-}
-
-struct Segment {
-    path: PathBuf,
-    len: u64,
-}
-
-struct Inner {
-    dir: PathBuf,
-    entries: BTreeMap<u64, (Entry, Loc)>,
-    /// By first index. The last one is the one appended to.
-    segments: BTreeMap<u64, Segment>,
-    /// The last segment, open for appending.
-    active: Option<(u64, Arc<File>)>,
-    last_purged: Option<LogId>,
-    vote: Option<Vote>,
-    committed: Option<LogId>,
-    committed_file: Option<File>,
-    /// Testing hook (`--fail-writes-after-bytes`): once this many bytes of records have been
-    /// written by this process, every further log write fails with ENOSPC, as on a full disk.
-    fail_writes_after: Option<u64>,
-    /// Bytes of records written to segments by this process.
-    written: u64,
-}
-
 /// The log store. Clones share one log (openraft's log reader is a clone).
 #[derive(Clone)]
 pub struct LogStore {
@@ -110,86 +89,6 @@ pub struct LogStore {
     /// This replica's id when a follower's appends are to be fdatasynced in `append` itself
     /// (see [`LogStore::sync_inline_when_following`]).
     inline_sync: Arc<std::sync::OnceLock<u64>>,
-}
-
-/// Counts of `append` calls and of those flushed, for the DKSP batcher: openraft 0.9's core
-/// waits for each append's fdatasync before it takes the next, so an entry proposed while one
-/// is being flushed gains nothing by going early; waiting lets it gather more (see
-/// `server::run_batcher`). A performance hint only: nothing depends on it for correctness.
-#[derive(Default)]
-pub struct FlushGate {
-    appends: std::sync::atomic::AtomicU64,
-    flushed: std::sync::atomic::AtomicU64,
-    notify: tokio::sync::Notify,
-}
-
-impl FlushGate {
-    /// `append` calls so far.
-    pub fn appends(&self) -> u64 {
-        self.appends.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn flushed(&self) -> u64 {
-        self.flushed.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    /// Waits until an append after the `appends()` value `seen` was made and everything
-    /// appended is flushed, or `limit` passes (the proposal may never be appended: refused,
-    /// or this replica stopped leading).
-    pub async fn settled_after(&self, seen: u64, limit: std::time::Duration) {
-        let until = tokio::time::Instant::now() + limit;
-        loop {
-            let notified = self.notify.notified();
-            let a = self.appends();
-            if a > seen && self.flushed.load(std::sync::atomic::Ordering::SeqCst) >= a {
-                return;
-            }
-            if tokio::time::timeout_at(until, notified).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-/// Files written by one `append`, and openraft's callback to fire once they are on disk.
-struct FlushReq {
-    files: Vec<Arc<File>>,
-    callback: LogFlushed<TypeConfig>,
-    /// The Raft indices written, for `--trace-hops` (`None` if the append was empty).
-    indices: Option<(u64, u64)>,
-}
-
-/// The flusher thread: fdatasyncs, for everything queued at once, each distinct file once, then
-/// reports each append flushed, in order. It ends when the last `LogStore` clone is dropped.
-fn run_flusher(rx: mpsc::Receiver<FlushReq>, gate: Arc<FlushGate>) {
-    while let Ok(first) = rx.recv() {
-        let mut reqs = vec![first];
-        reqs.extend(rx.try_iter());
-        let mut files: Vec<&Arc<File>> = Vec::new();
-        for f in reqs.iter().flat_map(|r| &r.files) {
-            if !files.iter().any(|g| Arc::ptr_eq(f, g)) {
-                files.push(f);
-            }
-        }
-        let result = files.iter().try_for_each(|f| f.sync_data());
-        if let Err(e) = &result {
-            tracing::error!("fdatasync of the Raft log failed: {e}");
-        }
-        let n = reqs.len() as u64;
-        for r in reqs {
-            if let (Some((first, last)), Ok(())) = (r.indices, &result) {
-                hops::mark_range(Hop::LogFlushed, first, last, 0);
-            }
-            let r_result = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
-            };
-            r.callback.log_io_completed(r_result);
-        }
-        gate.flushed
-            .fetch_add(n, std::sync::atomic::Ordering::SeqCst);
-        gate.notify.notify_waiters();
-    }
 }
 
 impl LogStore {
@@ -393,171 +292,6 @@ impl LogStore {
     }
 }
 
-fn segment_name(first: u64) -> String {
-    format!("seg-{first:020}.log")
-}
-
-/// A scanned segment: its records with their offsets, its valid length, and whether a torn
-/// tail was cut off.
-struct Scanned {
-    records: Vec<(u64, Entry)>,
-    len: u64,
-    torn: bool,
-}
-
-/// Reads a segment's records. On a bad record in the last segment that reaches the end of the
-/// file (or is followed only by zeros), truncates the file there and reports `torn = true`.
-fn scan_segment(path: &Path, is_last: bool) -> Result<Scanned, LogStoreError> {
-    let data = fs::read(path).map_err(io_at(path))?;
-    let mut records = Vec::new();
-    let mut off = 0usize;
-    while off < data.len() {
-        let (why, reaches_end) = match RECORD.decode::<Entry>(&data[off..]) {
-            Ok((entry, size)) => {
-                records.push((off as u64, entry));
-                off += size;
-                continue;
-            }
-            Err(bad) => (bad.error.to_string(), bad.reaches_end),
-        };
-        let rest_is_zero = data[off..].iter().all(|&b| b == 0);
-        if !is_last || !(reaches_end || rest_is_zero) {
-            return Err(LogStoreError::Corrupt {
-                path: path.to_path_buf(),
-                offset: off as u64,
-                why,
-            });
-        }
-        tracing::warn!(
-            "{}: torn or corrupt final record at byte {off} ({why}); truncating {} bytes",
-            path.display(),
-            data.len() - off
-        );
-        let f = OpenOptions::new()
-            .write(true)
-            .open(path)
-            .map_err(io_at(path))?;
-        f.set_len(off as u64).map_err(io_at(path))?;
-        f.sync_all().map_err(io_at(path))?;
-        return Ok(Scanned {
-            records,
-            len: off as u64,
-            torn: true,
-        });
-    }
-    Ok(Scanned {
-        records,
-        len: data.len() as u64,
-        torn: false,
-    })
-}
-
-/// Raft log records in segments: the width of the existing layout, no cap beyond it.
-const RECORD: Format = Format::u32(u32::MAX as u64);
-/// The vote, purged and committed files each hold one small value (tens of bytes).
-const SMALL: Format = Format::u32(4096);
-
-/// Reads a small record file; missing or empty means `None`, corrupt is an error.
-fn read_small<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, LogStoreError> {
-    SMALL.read_file(path).map_err(|e| match e {
-        FileError::Io(IoAt { path, source }) => LogStoreError::Io { path, source },
-        FileError::Bad { path, error } => LogStoreError::Invalid {
-            path,
-            why: error.to_string(),
-        },
-    })
-}
-
-fn small_bytes<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, io::Error> {
-    SMALL.encode(value).map_err(io::Error::other)
-}
-
-impl Inner {
-    fn last_index(&self) -> Option<u64> {
-        self.entries.keys().next_back().copied()
-    }
-
-    fn start_segment(&mut self, first: u64) -> Result<Arc<File>, io::Error> {
-        let path = self.dir.join(segment_name(first));
-        let file = Arc::new(OpenOptions::new().create(true).append(true).open(&path)?);
-        // The new file's name must be durable before anything in it is acknowledged.
-        sync_dir(&self.dir)?;
-        self.segments.insert(first, Segment { path, len: 0 });
-        self.active = Some((first, file.clone()));
-        Ok(file)
-    }
-
-    /// Removes entries from `index` on, in memory and on disk.
-    fn truncate_from(&mut self, index: u64) -> Result<(), io::Error> {
-        let Some((_, loc)) = self.entries.get(&index).map(|(e, l)| (e.log_id, *l)) else {
-            return Ok(());
-        };
-        self.entries.split_off(&index);
-        let doomed: Vec<u64> = self
-            .segments
-            .range(loc.segment..)
-            .map(|(&f, _)| f)
-            .filter(|&f| f > loc.segment || loc.offset == 0)
-            .collect();
-        for first in &doomed {
-            if let Some(seg) = self.segments.remove(first) {
-                fs::remove_file(&seg.path)?;
-            }
-        }
-        if loc.offset > 0 {
-            if let Some(seg) = self.segments.get_mut(&loc.segment) {
-                let f = OpenOptions::new().write(true).open(&seg.path)?;
-                f.set_len(loc.offset)?;
-                f.sync_all()?;
-                seg.len = loc.offset;
-            }
-        }
-        sync_dir(&self.dir)?;
-        self.reopen_active()
-    }
-
-    fn reopen_active(&mut self) -> Result<(), io::Error> {
-        self.active = match self.segments.iter().next_back() {
-            Some((&first, seg)) => Some((
-                first,
-                Arc::new(OpenOptions::new().append(true).open(&seg.path)?),
-            )),
-            None => None,
-        };
-        Ok(())
-    }
-
-    fn purge_upto(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        if self.last_purged.is_some_and(|p| p.index >= log_id.index) {
-            return Ok(());
-        }
-        replace_file(&self.dir, "purged", &small_bytes(&log_id)?)?;
-        self.last_purged = Some(log_id);
-        self.entries = self.entries.split_off(&(log_id.index + 1));
-        // A segment can go once every entry in it is purged: when the next segment starts at
-        // or below upto + 1, or (for the last one) when no entry is left at all.
-        let firsts: Vec<u64> = self.segments.keys().copied().collect();
-        let mut removed = false;
-        for (i, &first) in firsts.iter().enumerate() {
-            let fully_purged = match firsts.get(i + 1) {
-                Some(&next) => next <= log_id.index + 1,
-                None => self.entries.is_empty(),
-            };
-            if fully_purged {
-                if let Some(seg) = self.segments.remove(&first) {
-                    fs::remove_file(&seg.path)?;
-                    removed = true;
-                }
-            }
-        }
-        if removed {
-            sync_dir(&self.dir)?;
-            self.reopen_active()?;
-        }
-        Ok(())
-    }
-}
-
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
@@ -756,33 +490,4 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         )
         .await
     }
-}
-
-/// Writes buffered records to the active segment; remembers the file for the fsync.
-fn flush_buf(
-    g: &mut Inner,
-    buf: &mut Vec<u8>,
-    to_sync: &mut Vec<Arc<File>>,
-) -> Result<(), io::Error> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    let Some((first, file)) = g.active.clone() else {
-        return Err(io::Error::other("no active segment"));
-    };
-    let written = g.written.saturating_add(buf.len() as u64);
-    if g.fail_writes_after.is_some_and(|limit| written > limit) {
-        const ENOSPC: i32 = 28;
-        return Err(io::Error::from_raw_os_error(ENOSPC));
-    }
-    (&*file).write_all(buf)?;
-    g.written = written;
-    if let Some(seg) = g.segments.get_mut(&first) {
-        seg.len += buf.len() as u64;
-    }
-    if !to_sync.iter().any(|f| Arc::ptr_eq(f, &file)) {
-        to_sync.push(file);
-    }
-    buf.clear();
-    Ok(())
 }

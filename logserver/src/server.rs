@@ -273,7 +273,7 @@ impl LogServer {
             .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
             .map(|n| n.dksp_addr)
             .unwrap_or_else(|| "none".into());
-        let (first, last, applied) = self.sm.positions();
+        let at = self.sm.positions();
         let voters: Vec<String> = m
             .membership_config
             .membership()
@@ -285,10 +285,10 @@ impl LogServer {
             ("role", role.to_string()),
             ("term", m.current_term.to_string()),
             ("leader", leader),
-            ("commit", last.to_string()),
-            ("first", first.to_string()),
-            ("last", last.to_string()),
-            ("raft_applied", opt(applied.map(|a| a.index))),
+            ("commit", at.last.to_string()),
+            ("first", at.first.to_string()),
+            ("last", at.last.to_string()),
+            ("raft_applied", opt(at.last_applied.map(|a| a.index))),
             ("raft_last", opt(m.last_log_index)),
             ("snapshot", opt(m.snapshot.map(|s| s.index))),
             ("purged", opt(m.purged.map(|s| s.index))),
@@ -441,11 +441,11 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
             Reply::Waiting(srv.batcher.submit(op, Render::CkptCommit).await)
         }
         Request::CkptInfo => match srv.sm.checkpoint_info() {
-            Some((id, index, len, crc)) => ready(Response::status(&[
-                ("id", id.to_string()),
-                ("index", index.to_string()),
-                ("len", len.to_string()),
-                ("crc", crc.to_string()),
+            Some(c) => ready(Response::status(&[
+                ("id", c.id.to_string()),
+                ("index", c.index.to_string()),
+                ("len", c.len.to_string()),
+                ("crc", c.crc.to_string()),
             ])),
             None => ready(Response::err(ErrorCode::NotFound, "no checkpoint yet")),
         },

@@ -32,6 +32,10 @@ use crate::types::{
 use protocol::hops::{self, Hop};
 use protocol::record::{replace_file, Format};
 
+mod staging;
+
+use staging::{Chunks, Staging};
+
 /// Sequence numbers remembered per client for deduplication.
 pub const DEDUPE_WINDOW: usize = 100_000;
 
@@ -50,80 +54,6 @@ pub struct Checkpoint {
     pub index: u64,
     pub crc: u32,
     pub data: Bytes,
-}
-
-/// A checkpoint upload in progress. The chunks are kept as the `Bytes` the log entries carry,
-/// so staging shares memory with the in-memory Raft log instead of copying every chunk into a
-/// growing `Vec` (which, with its doubling, held up to twice the upload again). They are joined
-/// once, at `CKPT_COMMIT`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Staging {
-    id: u64,
-    #[serde(with = "chunks_as_bytes")]
-    data: Chunks,
-}
-
-/// The staged chunks, in order, and their total length.
-#[derive(Debug, Clone, Default)]
-struct Chunks {
-    parts: Vec<Bytes>,
-    len: usize,
-}
-
-impl Chunks {
-    fn push(&mut self, b: Bytes) {
-        self.len = self.len.saturating_add(b.len());
-        if !b.is_empty() {
-            self.parts.push(b);
-        }
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn crc32c(&self) -> u32 {
-        self.parts
-            .iter()
-            .fold(0, |crc, p| crc32c::crc32c_append(crc, p))
-    }
-
-    /// One contiguous buffer (no copy if there is a single chunk).
-    fn join(self) -> Bytes {
-        match self.parts.len() {
-            0 => Bytes::new(),
-            1 => self.parts.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut out = Vec::with_capacity(self.len);
-                for p in &self.parts {
-                    out.extend_from_slice(p);
-                }
-                Bytes::from(out)
-            }
-        }
-    }
-}
-
-/// Snapshots store the staged bytes as one byte string, exactly as the `Vec<u8>` this used to
-/// be (postcard writes both as a length and the bytes), so existing snapshot files stay readable.
-mod chunks_as_bytes {
-    use super::Chunks;
-    use bytes::Bytes;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(c: &Chunks, s: S) -> Result<S::Ok, S::Error> {
-        let mut all = Vec::with_capacity(c.len);
-        for p in &c.parts {
-            all.extend_from_slice(p);
-        }
-        s.serialize_bytes(&all)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Chunks, D::Error> {
-        let mut c = Chunks::default();
-        c.push(Bytes::deserialize(d)?);
-        Ok(c)
-    }
 }
 
 /// Everything a snapshot holds.
@@ -180,6 +110,30 @@ struct Shared {
     /// Next logical index, for `TAIL` readers to wait on.
     applied: watch::Sender<u64>,
     snapshot_seq: AtomicU64,
+}
+
+/// Where the applied log stands ([`StateMachine::positions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Positions {
+    /// The first logical index still retained (older ones are compacted by a checkpoint).
+    pub first: u64,
+    /// The last logical index applied (0 before the first).
+    pub last: u64,
+    /// The Raft log id of the last entry applied.
+    pub last_applied: Option<LogId>,
+}
+
+/// The current checkpoint, as `CKPT_INFO` reports it ([`StateMachine::checkpoint_info`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointInfo {
+    /// The id its writer gave it.
+    pub id: u64,
+    /// The logical index it covers up to.
+    pub index: u64,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The CRC32C of its bytes.
+    pub crc: u32,
 }
 
 /// The state machine. Clones share one state: openraft drives one, the DKSP server reads another.
@@ -265,14 +219,14 @@ impl StateMachine {
         self.shared.applied.subscribe()
     }
 
-    /// (first retained logical index, last applied logical index, last applied Raft log id).
-    pub fn positions(&self) -> (u64, u64, Option<LogId>) {
+    /// Where the applied log stands.
+    pub fn positions(&self) -> Positions {
         let d = self.read_data();
-        (
-            d.first_index,
-            d.next_index.saturating_sub(1),
-            d.last_applied,
-        )
+        Positions {
+            first: d.first_index,
+            last: d.next_index.saturating_sub(1),
+            last_applied: d.last_applied,
+        }
     }
 
     /// The index already given to `(client, seq)`, if it was applied.
@@ -281,12 +235,15 @@ impl StateMachine {
         d.dedupe.get(client)?.seqs.get(&seq).copied()
     }
 
-    /// The current checkpoint's (id, index, len, crc).
-    pub fn checkpoint_info(&self) -> Option<(u64, u64, u64, u32)> {
+    /// The current checkpoint, if there is one.
+    pub fn checkpoint_info(&self) -> Option<CheckpointInfo> {
         let d = self.read_data();
-        d.checkpoint
-            .as_ref()
-            .map(|c| (c.id, c.index, c.data.len() as u64, c.crc))
+        d.checkpoint.as_ref().map(|c| CheckpointInfo {
+            id: c.id,
+            index: c.index,
+            len: c.data.len() as u64,
+            crc: c.crc,
+        })
     }
 
     /// Up to `max` bytes of the current checkpoint from `offset`, if checkpoint `id` is current.
@@ -582,98 +539,4 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The layout of `StoredSnapshot` before its data became `Bytes`.
-    #[derive(Serialize)]
-    struct VecSnapshot {
-        meta: SnapshotMeta,
-        data: Vec<u8>,
-    }
-
-    #[test]
-    fn snapshot_files_written_with_a_vec_still_decode() {
-        let meta = SnapshotMeta {
-            last_log_id: None,
-            last_membership: StoredMembership::default(),
-            snapshot_id: "T1-N1-42-0".into(),
-        };
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
-        let old = postcard::to_stdvec(&VecSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .unwrap();
-        let new = StoredSnapshot {
-            meta,
-            data: Bytes::from(data.clone()),
-        };
-        assert_eq!(
-            postcard::to_stdvec(&new).unwrap(),
-            old,
-            "same bytes on disk"
-        );
-        let file = encode_snapshot_file(&new).unwrap();
-        let back = decode_snapshot_file(&file).unwrap();
-        assert_eq!(back.data, data);
-        assert_eq!(back.meta.snapshot_id, "T1-N1-42-0");
-    }
-
-    fn append(d: &mut SmData, seq: u64, payload: &'static [u8]) -> OpResult {
-        apply_op(
-            d,
-            Op::Append {
-                client: Bytes::from_static(b"kv-1"),
-                seq,
-                payload: Bytes::from_static(payload),
-            },
-        )
-    }
-
-    #[test]
-    fn a_seq_left_unused_does_not_disturb_the_next_appends() {
-        // The kvstore skips the seq of an APPEND the log refused (too large, say): seqs are
-        // remembered as a set, not as a counter that must advance by one.
-        let mut d = SmData::default();
-        assert!(matches!(append(&mut d, 1, b"a"), OpResult::Appended(1)));
-        assert!(matches!(append(&mut d, 3, b"c"), OpResult::Appended(2)));
-        assert!(matches!(append(&mut d, 4, b"d"), OpResult::Appended(3)));
-        // Retries still answer the original index; the skipped seq was never taken.
-        assert!(matches!(append(&mut d, 3, b"c"), OpResult::Duplicate(2)));
-        assert!(matches!(append(&mut d, 1, b"a"), OpResult::Duplicate(1)));
-        assert_eq!(d.next_index, 4);
-        assert_eq!(d.entries.len(), 3);
-    }
-}
-
-#[cfg(test)]
-mod staging_tests {
-    use super::*;
-
-    /// The layout snapshots used when the staged bytes were one `Vec<u8>`.
-    #[derive(Serialize, Deserialize, PartialEq, Debug)]
-    struct OldStaging {
-        id: u64,
-        data: Vec<u8>,
-    }
-
-    #[test]
-    fn staged_chunks_are_stored_in_snapshots_exactly_as_the_old_contiguous_bytes() {
-        let mut data = Chunks::default();
-        for part in [&b"hello "[..], b"", b"checkpoint", b" world"] {
-            data.push(Bytes::copy_from_slice(part));
-        }
-        assert_eq!(data.len(), 22);
-        assert_eq!(data.crc32c(), crc32c::crc32c(b"hello checkpoint world"));
-        let new = postcard::to_allocvec(&Staging { id: 7, data }).unwrap();
-        let old = OldStaging {
-            id: 7,
-            data: b"hello checkpoint world".to_vec(),
-        };
-        assert_eq!(new, postcard::to_allocvec(&old).unwrap());
-        let back: Staging = postcard::from_bytes(&postcard::to_allocvec(&old).unwrap()).unwrap();
-        assert_eq!(back.id, 7);
-        assert_eq!(&back.data.join()[..], b"hello checkpoint world");
-    }
-}
+mod tests;

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use logserver::log_store::{LogStore, LogStoreError};
-use logserver::state_machine::{ReadError, StateMachine};
+use logserver::state_machine::{CheckpointInfo, ReadError, StateMachine};
 use logserver::types::{Batch, BatchResult, Entry, Node, Op, OpResult, StorageError, TypeConfig};
 use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
 use openraft::testing::{log_id, StoreBuilder, Suite};
@@ -306,7 +306,15 @@ fn state_machine_dedupes_checkpoints_and_compacts() {
             sm.read(3, 10, usize::MAX).unwrap(),
             vec![(3, Bytes::from("three"))]
         );
-        assert_eq!(sm.checkpoint_info(), Some((9, 2, ckpt.len() as u64, crc)));
+        assert_eq!(
+            sm.checkpoint_info(),
+            Some(CheckpointInfo {
+                id: 9,
+                index: 2,
+                len: ckpt.len() as u64,
+                crc
+            })
+        );
         assert_eq!(&sm.checkpoint_read(9, 0, 100).unwrap()[..], &ckpt[..]);
 
         // A snapshot carries all of it to a fresh replica.
@@ -335,7 +343,7 @@ fn state_machine_dedupes_checkpoints_and_compacts() {
         // And it survives a restart of that replica.
         drop(sm2);
         let sm3 = StateMachine::open(dir2.path()).unwrap();
-        assert_eq!(sm3.positions().0, 3);
+        assert_eq!(sm3.positions().first, 3);
         let _ = Node::default();
     });
 }

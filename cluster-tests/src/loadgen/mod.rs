@@ -1,0 +1,340 @@
+//! The load generator behind `dtkv-bench`, `make bench` and `make bench-peers`.
+//!
+//! A run is N client connections, each a closed loop: autocommit `PUT`/`GET` (or a 50/50 mix)
+//! with up to `depth` requests in flight, or a read-modify-write transaction of K operations
+//! with one request in flight. Keys are `key0000042`-style names drawn uniformly or zipfian from
+//! a fixed key count; values have a fixed size. Each client records its own latencies in an HDR
+//! histogram (so nothing is shared on the hot path but three counters for the progress line)
+//! and the histograms are merged at the end into a [`Row`]: throughput, p50/p95/p99/max, aborts,
+//! errors. A failed connection is counted as errors for what it had in flight and reconnected,
+//! so a bad server shows up as a number in the table, not as a panic.
+//!
+//! The same loop drives etcd through its v3 HTTP/JSON gateway (a minimal HTTP/1.1 client over a
+//! keep-alive `TcpStream`), where the transaction is the optimistic form etcd offers: read the
+//! keys with their `mod_revision`, then one `txn` that writes them if no revision moved. Other
+//! systems' own tools (pgbench, redis-benchmark) are turned into the same [`Row`]s by
+//! [`import_pgbench_log`] and [`import_redis_csv`], so one table compares them all.
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::time::Duration;
+
+mod conn;
+mod import;
+mod run;
+mod suite;
+mod table;
+#[cfg(test)]
+mod tests;
+
+pub use import::*;
+pub use run::*;
+pub use suite::*;
+pub use table::*;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Dtkv,
+    Etcd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Autocommit PUT.
+    Put,
+    /// Autocommit GET.
+    Get,
+    /// Autocommit, each operation a GET or a PUT with equal odds.
+    Mixed,
+    /// A transaction reading ceil(K/2) keys and writing floor(K/2) of them back.
+    Rmw,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dist {
+    Uniform,
+    Zipfian,
+}
+
+impl Workload {
+    pub fn name(self, rmw_ops: usize) -> String {
+        match self {
+            Workload::Put => "put".into(),
+            Workload::Get => "get".into(),
+            Workload::Mixed => "mixed".into(),
+            Workload::Rmw => format!("rmw{rmw_ops}"),
+        }
+    }
+}
+
+impl Dist {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dist::Uniform => "uniform",
+            Dist::Zipfian => "zipfian",
+        }
+    }
+}
+
+/// When a run stops: after a time, or after a number of operations (transactions) in total.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Limit {
+    Time(Duration),
+    Ops(u64),
+}
+
+/// Everything that defines one run.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub target: Target,
+    /// Clients are spread over these round-robin (etcd: one per member).
+    pub addrs: Vec<String>,
+    pub workload: Workload,
+    pub clients: usize,
+    pub depth: usize,
+    pub limit: Limit,
+    pub keys: u64,
+    pub dist: Dist,
+    pub zipf_s: f64,
+    pub value_size: usize,
+    pub rmw_ops: usize,
+    pub progress: bool,
+}
+
+/// One line of a results table, from our own runs or imported from another tool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub system: String,
+    pub workload: String,
+    pub dist: String,
+    pub clients: usize,
+    pub depth: usize,
+    pub keys: u64,
+    pub value_size: usize,
+    pub seconds: f64,
+    /// Completed operations, or committed transactions.
+    pub ops: u64,
+    pub aborts: u64,
+    pub errors: u64,
+    pub per_sec: f64,
+    pub p50_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+    /// How this system's row differs from the others (a tool's limitation, a substitute).
+    #[serde(default)]
+    pub note: String,
+    /// Which round of an interleaved run (`make bench-peers`, `--round`) this row is. Files
+    /// written before rounds existed have none: each such row counts as one round of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub round: Option<u32>,
+}
+
+impl Row {
+    /// Rows of different systems with the same key are the same experiment.
+    pub fn key(&self) -> (String, String, usize, usize) {
+        (
+            self.workload.clone(),
+            self.dist.clone(),
+            self.clients,
+            self.depth,
+        )
+    }
+
+    pub fn abort_rate(&self) -> f64 {
+        let tried = self.ops + self.aborts;
+        if tried == 0 {
+            0.0
+        } else {
+            self.aborts as f64 / tried as f64
+        }
+    }
+}
+
+/// A results file: `bench/results/<date>.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Results {
+    pub date: String,
+    pub machine: String,
+    pub rows: Vec<Row>,
+}
+
+impl Results {
+    pub fn load(path: &Path) -> anyhow::Result<Results> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Adds rows to the file, creating it if needed, so several tools can fill one file.
+    pub fn append(path: &Path, date: &str, rows: &[Row]) -> anyhow::Result<()> {
+        let mut r = if path.exists() {
+            Results::load(path)?
+        } else {
+            Results {
+                date: date.to_string(),
+                machine: machine(),
+                rows: Vec::new(),
+            }
+        };
+        r.rows.extend_from_slice(rows);
+        let text = serde_json::to_string_pretty(&r)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("{}", path.display()))
+    }
+}
+
+/// "2 cores of <cpu model>, 23 GiB, Linux <release>", from /proc (empty parts left out).
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name")?.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown CPU");
+    let mem_kib: u64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores of {model}, {} GiB RAM, Linux {}",
+        mem_kib / (1024 * 1024),
+        kernel.trim()
+    )
+}
+
+/// `10s`, `500ms`, `2m` or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("bad duration unit in {s:?} (ms, s, m)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("duration must be positive: {s:?}"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The `p` quantile (0..=1) of already sorted samples; 0 for none.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p) as usize]
+}
+
+/// Zipfian sampler over `0..n` by inverse CDF: rank 0 is the hottest key.
+pub struct Zipf(Vec<f64>);
+
+impl Zipf {
+    pub fn new(n: u64, s: f64) -> Zipf {
+        let mut cdf = Vec::with_capacity(n as usize);
+        let mut sum = 0.0;
+        for i in 1..=n {
+            sum += 1.0 / (i as f64).powf(s);
+            cdf.push(sum);
+        }
+        cdf.iter_mut().for_each(|c| *c /= sum);
+        Zipf(cdf)
+    }
+
+    pub fn sample(&self, rng: &mut impl Rng) -> u64 {
+        let u: f64 = rng.gen();
+        self.0.partition_point(|&c| c < u).min(self.0.len() - 1) as u64
+    }
+}
+
+pub fn key_name(k: u64) -> String {
+    format!("key{k:07}")
+}
+
+/// A value of exactly `size` bytes that names its writer (useful when reading a dump).
+pub fn value(size: usize, client: usize, seq: u64) -> Vec<u8> {
+    let mut v = format!("c{client}-{seq}-").into_bytes();
+    v.resize(size, b'x');
+    v
+}
+
+/// A latency histogram in microseconds, 1 µs to 10 min at 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("constant bounds are valid")
+}
+
+/// Builds a row from a run's totals and its merged latency histogram.
+pub fn summarize(
+    meta: &Row,
+    hist: &Histogram<u64>,
+    ops: u64,
+    aborts: u64,
+    errors: u64,
+    seconds: f64,
+) -> Row {
+    let q = |p: f64| {
+        if hist.is_empty() {
+            0
+        } else {
+            hist.value_at_quantile(p)
+        }
+    };
+    Row {
+        seconds,
+        ops,
+        aborts,
+        errors,
+        per_sec: if seconds > 0.0 {
+            ops as f64 / seconds
+        } else {
+            0.0
+        },
+        p50_us: q(0.50),
+        p95_us: q(0.95),
+        p99_us: q(0.99),
+        max_us: hist.max(),
+        ..meta.clone()
+    }
+}
+
+/// The row's description without figures.
+pub fn meta(system: &str, spec: &Spec) -> Row {
+    Row {
+        system: system.to_string(),
+        workload: spec.workload.name(spec.rmw_ops),
+        dist: spec.dist.name().to_string(),
+        clients: spec.clients,
+        depth: spec.depth,
+        keys: spec.keys,
+        value_size: spec.value_size,
+        seconds: 0.0,
+        ops: 0,
+        aborts: 0,
+        errors: 0,
+        per_sec: 0.0,
+        p50_us: 0,
+        p95_us: 0,
+        p99_us: 0,
+        max_us: 0,
+        note: String::new(),
+        round: None,
+    }
+}

@@ -1,0 +1,330 @@
+//! Whole systems for tests: a three-replica log cluster ([`LogCluster`]) and a log cluster with
+//! a sequencer and a kvstore ([`System`]), each process on free ports in one temp dir, killed
+//! when the value is dropped.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::{free_port, local, status, wait_ready, wait_until, Proc, Sequencer};
+
+/// One logserver replica of a test cluster.
+pub struct Replica {
+    pub id: u64,
+    pub dksp: SocketAddr,
+    pub raft: SocketAddr,
+    /// The DKSP address the membership advertises (in `REDIRECT`s): `dksp`, unless clients
+    /// reach this replica through a proxy.
+    pub advertise: SocketAddr,
+    /// Arguments for this replica only (e.g. `--raft-route`).
+    pub extra: Vec<String>,
+    pub data_dir: PathBuf,
+    pub proc_: Option<Proc>,
+}
+
+/// Three logserver replicas on free ports in a temp dir.
+pub struct LogCluster {
+    pub dir: tempfile::TempDir,
+    pub replicas: Vec<Replica>,
+    pub extra: Vec<String>,
+}
+
+impl LogCluster {
+    /// Every entry of replica `i`, read in pages.
+    pub async fn read_all(&self, i: usize) -> Vec<(u64, bytes::Bytes)> {
+        let mut client = protocol::Client::connect(self.replicas[i].dksp)
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let mut from = 1;
+        loop {
+            let page = client.read_log(from, Some(1000)).await.unwrap();
+            let Some(&(last, _)) = page.last() else {
+                return out;
+            };
+            from = last + 1;
+            out.extend(page);
+        }
+    }
+
+    /// Starts three replicas (replica 1 with `--init`) and waits for a leader.
+    pub async fn start(extra: &[&str]) -> LogCluster {
+        let mut c = LogCluster::new(extra);
+        c.launch().await;
+        c
+    }
+
+    /// Three replicas with their ports and directories chosen, none started yet.
+    pub fn new(extra: &[&str]) -> LogCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let replicas = (1..=3)
+            .map(|id| {
+                let dksp = local(free_port());
+                Replica {
+                    id,
+                    dksp,
+                    raft: local(free_port()),
+                    advertise: dksp,
+                    extra: Vec::new(),
+                    data_dir: dir.path().join(format!("log-{id}")),
+                    proc_: None,
+                }
+            })
+            .collect();
+        LogCluster {
+            dir,
+            replicas,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Starts every replica of a [`new`](Self::new) cluster and waits for a leader.
+    pub async fn launch(&mut self) {
+        for i in 0..self.replicas.len() {
+            self.spawn(i, i == 0).await;
+        }
+        self.wait_for_leader().await;
+    }
+
+    pub fn peers(&self) -> String {
+        self.replicas
+            .iter()
+            .map(|r| format!("{}={}/{}", r.id, r.raft, r.advertise))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn addrs(&self) -> Vec<String> {
+        self.replicas.iter().map(|r| r.dksp.to_string()).collect()
+    }
+
+    async fn spawn(&mut self, i: usize, init: bool) {
+        let r = &self.replicas[i];
+        let (dksp, log) = (r.dksp, self.dir.path().join(format!("log-{}.log", r.id)));
+        let mut p = self.spawn_unready(i, init, &log);
+        wait_ready(dksp, &mut p, Duration::from_secs(20)).await;
+        self.replicas[i].proc_ = Some(p);
+    }
+
+    /// Starts replica `i` logging to `log` without waiting for it to serve (for a replica
+    /// expected to refuse to start or to exit by itself). The caller owns the process.
+    pub fn spawn_unready(&self, i: usize, init: bool, log: &Path) -> Proc {
+        let peers = self.peers();
+        let r = &self.replicas[i];
+        let mut args = vec![
+            "--id".to_string(),
+            r.id.to_string(),
+            "--listen".into(),
+            r.dksp.to_string(),
+            "--raft-listen".into(),
+            r.raft.to_string(),
+            "--data-dir".into(),
+            r.data_dir.display().to_string(),
+            "--peers".into(),
+            peers,
+        ];
+        if init {
+            args.push("--init".into());
+        }
+        args.extend(self.extra.iter().cloned());
+        args.extend(r.extra.iter().cloned());
+        std::fs::create_dir_all(&r.data_dir).expect("data dir");
+        Proc::spawn("logserver", &args, log)
+    }
+
+    /// kill -9 replica `i` (0-based).
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].proc_.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts replica `i` again on its ports and data dir (never with --init).
+    pub async fn restart(&mut self, i: usize) {
+        self.kill9(i);
+        self.spawn(i, false).await;
+    }
+
+    /// Deletes replica `i`'s data (it must be stopped).
+    pub fn wipe(&mut self, i: usize) {
+        assert!(self.replicas[i].proc_.is_none(), "wipe a stopped replica");
+        let _ = std::fs::remove_dir_all(&self.replicas[i].data_dir);
+    }
+
+    pub async fn status(&self, i: usize) -> Option<std::collections::HashMap<String, String>> {
+        status(self.replicas[i].dksp).await
+    }
+
+    /// The index of the replica that says it is leader, if one does and the live replicas agree.
+    pub async fn leader(&self) -> Option<usize> {
+        let mut leader = None;
+        let mut leader_addr = None;
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.proc_.is_none() {
+                continue;
+            }
+            let s = status(r.dksp).await?;
+            if s.get("role").map(String::as_str) == Some("leader") {
+                leader = Some(i);
+            }
+            let l = s.get("leader").cloned()?;
+            if l == "none" || leader_addr.get_or_insert(l.clone()) != &l {
+                return None;
+            }
+        }
+        leader
+    }
+
+    pub async fn wait_for_leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(l) = self.leader().await {
+                return l;
+            }
+            if Instant::now() > deadline {
+                let mut logs = String::new();
+                for r in &self.replicas {
+                    if let Some(p) = &r.proc_ {
+                        logs.push_str(&format!("--- replica {} ---\n{}\n", r.id, p.log_tail(15)));
+                    }
+                }
+                panic!("no leader within 20 s\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until replica `i` has applied logical index `last`.
+    pub async fn wait_applied(&self, i: usize, last: u64) {
+        let addr = self.replicas[i].dksp;
+        wait_until(
+            Duration::from_secs(30),
+            &format!("replica {} to apply index {last}", i + 1),
+            || async move {
+                status(addr)
+                    .await
+                    .and_then(|s| s.get("last")?.parse::<u64>().ok())
+                    .is_some_and(|l| l >= last)
+            },
+        )
+        .await;
+    }
+}
+
+/// A whole system: three log replicas, a sequencer and a kvstore, each on free ports.
+pub struct System {
+    pub log: LogCluster,
+    pub seq: Sequencer,
+    pub kv: Option<Proc>,
+    pub kv_addr: SocketAddr,
+    pub kv_extra: Vec<String>,
+    /// Where the kvstore is told the sequencer and the log replicas are: their own addresses,
+    /// unless the links go through proxies.
+    pub kv_seq_route: String,
+    pub kv_log_route: Vec<String>,
+    kv_starts: usize,
+}
+
+impl System {
+    pub async fn start(kv_extra: &[&str]) -> System {
+        let log = LogCluster::start(&[]).await;
+        let mut s = System::assemble(log, kv_extra).await;
+        s.start_kv().await;
+        s
+    }
+
+    /// A sequencer next to a running log cluster; the kvstore is not started yet.
+    pub async fn assemble(log: LogCluster, kv_extra: &[&str]) -> System {
+        let seq_dir = log.dir.path().join("sequencer");
+        std::fs::create_dir_all(&seq_dir).expect("sequencer dir");
+        let seq = Sequencer::start(&seq_dir, &[]).await;
+        System {
+            kv_seq_route: seq.addr.to_string(),
+            kv_log_route: log.addrs(),
+            log,
+            seq,
+            kv: None,
+            kv_addr: local(free_port()),
+            kv_extra: kv_extra.iter().map(|s| s.to_string()).collect(),
+            kv_starts: 0,
+        }
+    }
+
+    /// Arguments for a kvstore on `addr` pointed at this system's sequencer and log.
+    pub fn kv_args(&self, addr: SocketAddr) -> Vec<String> {
+        let mut args = vec![
+            "--listen".to_string(),
+            addr.to_string(),
+            "--sequencer".into(),
+            self.kv_seq_route.clone(),
+            "--log".into(),
+            self.kv_log_route.join(","),
+        ];
+        args.extend(self.kv_extra.iter().cloned());
+        args
+    }
+
+    /// Starts a kvstore process on `addr` and waits until it serves.
+    pub async fn spawn_kv(&mut self, addr: SocketAddr) -> Proc {
+        self.kv_starts += 1;
+        let log = self
+            .log
+            .dir
+            .path()
+            .join(format!("kvstore-{}.log", self.kv_starts));
+        let mut p = Proc::spawn("kvstore", &self.kv_args(addr), &log);
+        wait_ready(addr, &mut p, Duration::from_secs(20)).await;
+        wait_serving(addr, &mut p).await;
+        p
+    }
+
+    pub async fn start_kv(&mut self) {
+        let p = self.spawn_kv(self.kv_addr).await;
+        self.kv = Some(p);
+    }
+
+    pub fn kill_kv(&mut self) {
+        if let Some(mut p) = self.kv.take() {
+            p.kill9();
+        }
+    }
+
+    pub async fn restart_kv(&mut self) {
+        self.kill_kv();
+        self.start_kv().await;
+    }
+
+    /// The running servers' process ids by name (`kvstore`, `log-1`..`log-3`, `sequencer`),
+    /// for benchmarks that watch their memory. A stopped process is left out.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let mut pids = Vec::new();
+        if let Some(pid) = self.kv.as_ref().and_then(Proc::pid) {
+            pids.push(("kvstore".to_string(), pid));
+        }
+        for r in &self.log.replicas {
+            if let Some(pid) = r.proc_.as_ref().and_then(Proc::pid) {
+                pids.push((format!("log-{}", r.id), pid));
+            }
+        }
+        if let Some(pid) = self.seq.proc_.pid() {
+            pids.push(("sequencer".to_string(), pid));
+        }
+        pids
+    }
+}
+
+/// Waits until a kvstore reports `state=serving` (it replays the log first).
+pub async fn wait_serving(addr: SocketAddr, p: &mut Proc) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = status(addr).await {
+            if s.get("state").map(String::as_str) == Some("serving") {
+                return;
+            }
+        }
+        if !p.running() || Instant::now() > deadline {
+            panic!("kvstore on {addr} is not serving; log:\n{}", p.log_tail(30));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
