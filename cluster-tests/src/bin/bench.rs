@@ -519,7 +519,7 @@ mod tests {
             (spec.workload, spec.dist, spec.clients),
             (Workload::Rmw, Dist::Zipfian, 8)
         );
-        assert_eq!(loadgen::standard_suite()[3].line(), "rmw uniform 16 1");
+        assert_eq!(loadgen::standard_suite()[5].line(), "rmw uniform 16 1");
         assert!(Cli::try_parse_from(["dtkv-bench", "run", "--duration", "3h"]).is_err());
     }
 

@@ -11,8 +11,9 @@ pub struct SuiteRow {
     pub depth: usize,
 }
 
-/// The standard set: each workload at 16 clients (the issue's reference point), the writes and
-/// transactions again at 64, and pipelined autocommit rows (16 in flight per connection).
+/// The standard set: autocommit PUT at 1 and 4 clients (how throughput grows with clients at
+/// one request in flight, issue #20), each workload at 16 clients (the reference point), the
+/// writes and transactions again at 64, and pipelined autocommit rows (16 in flight each).
 pub fn standard_suite() -> Vec<SuiteRow> {
     use Dist::*;
     use Workload::*;
@@ -23,6 +24,8 @@ pub fn standard_suite() -> Vec<SuiteRow> {
         depth,
     };
     vec![
+        r(Put, Uniform, 1, 1),
+        r(Put, Uniform, 4, 1),
         r(Put, Uniform, 16, 1),
         r(Get, Uniform, 16, 1),
         r(Mixed, Uniform, 16, 1),

@@ -41,19 +41,18 @@
 //! that misses it has its connection dropped, and the next call starts again from what the
 //! follower acknowledged (acknowledged entries are never sent again under the same vote).
 
-use futures::{SinkExt, StreamExt};
 use std::collections::VecDeque;
-use std::io;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
 
-use crate::network::{codec, entry_bytes, NetConfig, RaftRpc, CONNECT_TIMEOUT, EXCHANGE_BASE};
+mod conn;
+
+use crate::network::{entry_bytes, NetConfig, RaftRpc, EXCHANGE_BASE};
 use crate::types::{Entry, LogId, NodeId, RaftError, Vote};
+use conn::{connect, ConnEvent, ConnTasks};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse};
 use protocol::hops::{self, Hop};
 
@@ -216,31 +215,6 @@ struct Sent {
     last: LogId,
     bytes: usize,
     deadline: Instant,
-}
-
-/// One connection's writer and reader tasks; dropping it ends both.
-struct ConnTasks {
-    id: u64,
-    frames: mpsc::UnboundedSender<bytes::Bytes>,
-    writer: JoinHandle<()>,
-    reader: Option<JoinHandle<()>>,
-}
-
-impl Drop for ConnTasks {
-    fn drop(&mut self) {
-        self.writer.abort();
-        if let Some(r) = &self.reader {
-            r.abort();
-        }
-    }
-}
-
-/// What the connection tasks report.
-enum ConnEvent {
-    /// The reader task, once the writer has connected: what to abort with the connection.
-    Reader(u64, JoinHandle<()>),
-    Reply(u64, bytes::BytesMut),
-    Failed(u64, Fault),
 }
 
 struct Actor {
@@ -565,85 +539,5 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Starts a connection's writer task: it dials, starts the reader, then writes frames in order.
-fn connect(
-    id: u64,
-    addr: String,
-    max_frame: usize,
-    events: &mpsc::UnboundedSender<ConnEvent>,
-) -> ConnTasks {
-    let (frames, mut rx) = mpsc::unbounded_channel::<bytes::Bytes>();
-    let events = events.clone();
-    let writer = tokio::spawn(async move {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let _ = events.send(ConnEvent::Failed(
-                    id,
-                    Fault::Unreachable(format!("{addr}: {e}")),
-                ));
-                return;
-            }
-            Err(_) => {
-                let _ = events.send(ConnEvent::Failed(
-                    id,
-                    Fault::Unreachable(format!("connecting to {addr} timed out")),
-                ));
-                return;
-            }
-        };
-        // Best effort: without it a small append may wait on Nagle, but it still arrives.
-        let _ = stream.set_nodelay(true);
-        let (mut sink, mut stream) = Framed::new(stream, codec(max_frame)).split();
-        let reader_events = events.clone();
-        let reader = tokio::spawn(async move {
-            loop {
-                let ev = match stream.next().await {
-                    Some(Ok(frame)) => ConnEvent::Reply(id, frame),
-                    Some(Err(e)) => ConnEvent::Failed(id, Fault::Network(e.to_string())),
-                    None => ConnEvent::Failed(
-                        id,
-                        Fault::Network(
-                            io::Error::new(io::ErrorKind::UnexpectedEof, "peer closed").to_string(),
-                        ),
-                    ),
-                };
-                let end = matches!(ev, ConnEvent::Failed(..));
-                if reader_events.send(ev).is_err() || end {
-                    return;
-                }
-            }
-        });
-        let _ = events.send(ConnEvent::Reader(id, reader));
-        while let Some(frame) = rx.recv().await {
-            // Several frames queued: write them with one flush.
-            let mut batch = vec![frame];
-            while let Ok(f) = rx.try_recv() {
-                batch.push(f);
-            }
-            let mut result = Ok(());
-            for f in batch {
-                result = sink.feed(f).await;
-                if result.is_err() {
-                    break;
-                }
-            }
-            if result.is_ok() {
-                result = sink.flush().await;
-            }
-            if let Err(e) = result {
-                let _ = events.send(ConnEvent::Failed(id, Fault::Network(e.to_string())));
-                return;
-            }
-        }
-    });
-    ConnTasks {
-        id,
-        frames,
-        writer,
-        reader: None,
     }
 }
