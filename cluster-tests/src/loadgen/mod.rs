@@ -35,6 +35,16 @@ pub use run::*;
 pub use suite::*;
 pub use table::*;
 
+/// Aborted transactions as a share of those tried (0 when none were).
+pub fn abort_rate(ops: u64, aborts: u64) -> f64 {
+    let tried = ops.saturating_add(aborts);
+    if tried == 0 {
+        0.0
+    } else {
+        aborts as f64 / tried as f64
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
     Dtkv,
@@ -145,12 +155,7 @@ impl Row {
     }
 
     pub fn abort_rate(&self) -> f64 {
-        let tried = self.ops + self.aborts;
-        if tried == 0 {
-            0.0
-        } else {
-            self.aborts as f64 / tried as f64
-        }
+        abort_rate(self.ops, self.aborts)
     }
 }
 

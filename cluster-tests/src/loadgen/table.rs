@@ -1,6 +1,6 @@
 //! Tables: rows as markdown, medians over rounds, and the comparison of systems.
 
-use super::Row;
+use super::{abort_rate, Row};
 
 fn thousands(n: f64) -> String {
     let s = format!("{:.0}", n.max(0.0));
@@ -100,12 +100,7 @@ impl Rounds {
     }
 
     pub fn abort_rate(&self) -> f64 {
-        let tried = self.ops + self.aborts;
-        if tried == 0 {
-            0.0
-        } else {
-            self.aborts as f64 / tried as f64
-        }
+        abort_rate(self.ops, self.aborts)
     }
 
     /// Our median ops/s divided by theirs; `None` when theirs is zero.
