@@ -5,6 +5,11 @@
 //! each input to a closure, rebuilds the file with the actual output, and compares it with the
 //! file on disk; `UPDATE_GOLDEN=1` rewrites the file instead, so a change in behaviour is
 //! reviewed as a diff of the script.
+//!
+//! It is its own crate, a dev-dependency of the crates whose tests use it, so no production
+//! library or binary carries test code.
+
+#![warn(missing_docs)]
 
 use std::path::Path;
 
