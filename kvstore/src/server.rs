@@ -55,6 +55,8 @@ struct Aborted {
     why: String,
 }
 
+/// One client connection's state: the open transaction, if any, and why the last one was aborted
+/// under the client.
 pub struct Session {
     engine: Arc<Engine>,
     limits: Arc<Limits>,
@@ -82,6 +84,7 @@ fn engine_err(e: EngineError) -> Response {
 }
 
 impl Session {
+    /// A session with no transaction open.
     pub fn new(engine: Arc<Engine>, limits: Arc<Limits>) -> Session {
         Session {
             engine,

@@ -6,8 +6,16 @@
 //!   dedupe, checkpoints and compaction (openraft's `RaftStateMachine`).
 //! - [`network`]: Raft RPCs between replicas, postcard frames over TCP.
 //! - [`server`]: DKSP for clients, with group commit of concurrent `APPEND`s.
+
+#![warn(missing_docs)]
+
 pub mod log_store;
+// `network` and `pipeline` are being reworked on another branch; their last undocumented
+// items (`RaftRpc`'s variants, `Network::config`, `State::fault`, `PipeConfig::net`) get their
+// docs there, and these two allows go with them.
+#[allow(missing_docs)]
 pub mod network;
+#[allow(missing_docs)]
 pub mod pipeline;
 pub mod server;
 pub mod state_machine;

@@ -227,9 +227,13 @@ fn render_result(render: Render, r: OpResult) -> Response {
 
 /// What a connection handler needs.
 pub struct LogServer {
+    /// This replica's id.
     pub id: NodeId,
+    /// This replica's Raft node.
     pub raft: Raft,
+    /// The applied log, for `READ`, `TAIL`, `STATUS` and checkpoints.
     pub sm: StateMachine,
+    /// Group commit: gathers concurrent `APPEND`s into one Raft entry.
     pub batcher: Batcher,
     /// `--max-checkpoint-mib` in bytes: a `CKPT_PUT` chunk whose end would pass this is
     /// refused `ERR TOO_LARGE` (checked on the leader before proposing, so the staged upload

@@ -14,6 +14,8 @@
 //! - [`client`]: an async client with typed helpers.
 //! - [`hops`]: the opt-in per-hop commit timestamps behind `--trace-hops` and `HOPS`.
 
+#![warn(missing_docs)]
+
 pub mod client;
 pub mod cmd;
 pub mod codec;

@@ -38,8 +38,11 @@ const REFUSE_LINGER: Duration = Duration::from_millis(500);
 /// Everything [`serve_with`] enforces.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// The longest request line accepted (`--max-line`).
     pub max_line: usize,
+    /// Connections beyond this many are refused with one `ERR` line (`--max-connections`).
     pub max_connections: usize,
+    /// What each accepted connection enforces.
     pub limits: ConnLimits,
 }
 
