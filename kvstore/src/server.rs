@@ -22,8 +22,8 @@
 //!   before reading the next, so the server holds at most one page per scan (plus the socket
 //!   buffers), a reader that does not read blocks only its own session, and a long scan yields
 //!   the (single) runtime thread between pages. Its snapshot is bounded by the same age limit.
-//!   (The paging is in [`scan`].)
-//! - One home per behaviour: [`Session::execute`] takes every request; [`Session::write`] alone
+//!   (The paging is in `server/scan.rs`.)
+//! - One home per behaviour: [`Session::execute`] takes every request; `Session::write` alone
 //!   tells a transaction's buffered write from an autocommit one, and an autocommit write is a
 //!   blind submit, which has no snapshot and so no conflict to answer.
 
@@ -161,7 +161,7 @@ impl Session {
     }
 
     /// Runs one request, answering it through `cx`. A write is buffered in the open
-    /// transaction or, outside one, pipelined as autocommit ([`Session::write`]); any other
+    /// transaction or, outside one, pipelined as autocommit (`Session::write`); any other
     /// request first waits for the replies queued before it, so a session always reads its own
     /// writes. A `SCAN` flushes its rows page by page. An error means the connection is gone.
     pub async fn execute(&mut self, req: Request, cx: &mut Cx<'_>) -> io::Result<()> {

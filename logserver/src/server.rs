@@ -63,7 +63,7 @@ pub struct Batcher {
 
 impl Batcher {
     /// `gate`, the local log's flush counts, lets a batch grow while the one before is being
-    /// flushed (see [`run_batcher`]).
+    /// flushed (see `run_batcher`).
     pub fn start(raft: Raft, max_inflight: usize, gate: Option<Arc<FlushGate>>) -> Batcher {
         let (tx, rx) = mpsc::channel(64 * 1024);
         tokio::spawn(run_batcher(raft, rx, max_inflight.max(1), gate));

@@ -275,7 +275,7 @@ pub fn sample(ts: u64) -> bool {
     true
 }
 
-/// Whether [`sample`] chose `ts` (recently: a slot is reused after [`SAMPLE_SLOTS`] samples).
+/// Whether [`sample`] chose `ts` (recently: a slot is reused after `SAMPLE_SLOTS` samples).
 #[inline]
 pub fn sampled(ts: u64) -> bool {
     on() && SAMPLED[slot(ts)].load(Ordering::Relaxed) == ts

@@ -227,7 +227,7 @@ impl Results {
     }
 }
 
-/// "2 cores of <cpu model>, 23 GiB, Linux <release>", from /proc (empty parts left out).
+/// `2 cores of <cpu model>, 23 GiB, Linux <release>`, from /proc (empty parts left out).
 pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cores = cpuinfo
