@@ -28,7 +28,7 @@ use crate::loadgen::{self, Dist, Limit, Spec, Target, Workload};
 /// The marks of one replica, with its Raft id.
 #[derive(Debug, Clone, Default)]
 pub struct Replica {
-    /// The replica's Raft id (`STATUS` `id`).
+    /// The replica's Raft id.
     pub id: u64,
     /// Its `HOPS` marks.
     pub marks: Vec<Mark>,

@@ -11,7 +11,8 @@ use crate::token;
 pub enum Request {
     /// Opens a transaction; answers `OK <txid>`.
     Begin,
-    /// The key's value in the transaction's snapshot (or autocommit: the latest).
+    /// The key's value: the transaction's own write, else its snapshot's; outside a transaction
+    /// the latest committed one.
     Get {
         /// The key to read.
         key: Bytes,

@@ -52,8 +52,8 @@ pub struct Config {
 }
 
 impl Config {
-    /// A run of `schedule` with the defaults `make test` uses (6 clients, a checkpoint every 300
-    /// commits).
+    /// A run of `schedule` with the default settings: 6 clients, a checkpoint every 300
+    /// commits, 20 commits of progress after each heal.
     pub fn new(seed: u64, schedule: Vec<Step>) -> Config {
         Config {
             clients: 6,
