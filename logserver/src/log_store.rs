@@ -56,7 +56,7 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Why the log store could not open, read or write its files.
 #[derive(Debug, thiserror::Error)]
 pub enum LogStoreError {
-    /// Reading, writing or syncing a file failed; the replica stops rather than guess.
+    /// Reading, writing or syncing a file failed.
     #[error("{path}: {source}")]
     Io {
         /// The file or directory.

@@ -83,7 +83,7 @@ impl ReadBudget {
         })
     }
 
-    /// The budget in bytes (the server's `--max-read-buffer-bytes`).
+    /// The budget in bytes (the server's `--max-read-buffer-mib`, in bytes).
     pub fn limit(&self) -> usize {
         self.limit
     }
