@@ -91,7 +91,7 @@ pub enum Request {
     /// Diagnostic: the marks `--trace-hops` recorded since the last `HOPS`, one
     /// `OK <hop> <key> <aux> <t_ns>` line each, then `END`; `ERR UNAVAILABLE` when tracing is off.
     Hops,
-    /// Closes the connection after the replies before it.
+    /// Answers `OK`, then the server closes the connection.
     Quit,
 }
 

@@ -20,7 +20,7 @@ pub enum Request {
     Ping,
     /// Answers `OK key=value ...` with the durable mark and counters.
     Status,
-    /// Closes the connection after the replies before it.
+    /// Answers `OK`, then the server closes the connection.
     Quit,
 }
 
