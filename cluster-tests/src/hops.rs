@@ -28,15 +28,20 @@ use crate::loadgen::{self, Dist, Limit, Spec, Target, Workload};
 /// The marks of one replica, with its Raft id.
 #[derive(Debug, Clone, Default)]
 pub struct Replica {
+    /// The replica's Raft id.
     pub id: u64,
+    /// Its `HOPS` marks.
     pub marks: Vec<Mark>,
 }
 
 /// Everything collected after one load.
 #[derive(Debug, Clone, Default)]
 pub struct Dumps {
+    /// The kvstore's marks.
     pub kv: Vec<Mark>,
+    /// The log leader's marks.
     pub leader: Replica,
+    /// The other replicas' marks.
     pub followers: Vec<Replica>,
 }
 
@@ -71,6 +76,7 @@ pub struct Breakdown {
     pub sampled: usize,
     /// Of those, how many could be followed into the log (their Raft index found).
     pub joined: usize,
+    /// Per segment, the durations in ns.
     pub segments: Vec<Vec<u64>>,
     /// Of the joined commits with both marks, how many reached the quorum follower's log store
     /// only after the leader's own fdatasync had returned (replication not overlapping the
@@ -244,9 +250,13 @@ pub fn quantile(v: &mut [u64], p: f64) -> Option<u64> {
 /// The floor measured before a load, in ns (p50s).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Floor {
+    /// fdatasync of a small write in the data directory, median.
     pub fsync_p50: u64,
+    /// fdatasync, 90th percentile.
     pub fsync_p90: u64,
+    /// Loopback TCP round trip, median.
     pub rtt_p50: u64,
+    /// Loopback TCP round trip, 90th percentile.
     pub rtt_p90: u64,
 }
 
@@ -263,16 +273,20 @@ impl Floor {
 /// before their percentiles are taken, so one noisy moment weighs only its share.
 #[derive(Debug, Clone, Default)]
 pub struct FloorSamples {
+    /// fdatasync durations.
     pub fsync: Vec<u64>,
+    /// Loopback round-trip durations.
     pub rtt: Vec<u64>,
 }
 
 impl FloorSamples {
+    /// Pools `other`'s samples with these.
     pub fn extend(&mut self, other: FloorSamples) {
         self.fsync.extend(other.fsync);
         self.rtt.extend(other.rtt);
     }
 
+    /// The percentiles of the pooled samples (0 where there are none).
     pub fn floor(&self) -> Floor {
         let q = |v: &[u64], p| quantile(&mut v.to_vec(), p).unwrap_or(0);
         Floor {
@@ -344,13 +358,19 @@ pub fn measure_floor_samples(dir: &Path, n: usize) -> anyhow::Result<FloorSample
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct Setup {
+    /// The kvstore's DKSP address.
     pub kv: String,
+    /// The three replicas' DKSP addresses.
     pub logs: Vec<String>,
     /// Where the floor's fdatasync probe goes (the data directory's disk).
     pub data_dir: PathBuf,
+    /// The client counts to run, one load each.
     pub clients: Vec<usize>,
+    /// How long each load runs.
     pub duration: Duration,
+    /// Keys the clients write over.
     pub keys: u64,
+    /// Bytes per value written.
     pub value_size: usize,
     /// fdatasyncs and round trips per floor measurement (half before the load, half after).
     pub floor_samples: usize,
@@ -359,9 +379,13 @@ pub struct Setup {
 /// One client count's results.
 #[derive(Debug, Clone)]
 pub struct Level {
+    /// Closed-loop clients of this load.
     pub clients: usize,
+    /// The load's throughput and latencies.
     pub row: loadgen::Row,
+    /// The floor measured around it.
     pub floor: Floor,
+    /// Where its sampled commits spent their time.
     pub breakdown: Breakdown,
     /// Set when the log leader changed during the load (the breakdown is then partial).
     pub note: String,

@@ -8,6 +8,8 @@
 //! This file holds the single processes ([`Proc`], [`Sequencer`]) and the waits; whole systems
 //! (a log cluster, a log cluster with a sequencer and a kvstore) are in `system.rs`.
 
+#![warn(missing_docs)]
+
 pub mod hops;
 pub mod jepsen;
 pub mod loadgen;
@@ -73,6 +75,7 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral port")
 }
 
+/// `127.0.0.1:<port>`.
 pub fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -80,11 +83,14 @@ pub fn local(port: u16) -> SocketAddr {
 /// A child process that is SIGKILLed when dropped. Its stderr goes to `<log>`.
 pub struct Proc {
     child: Option<Child>,
+    /// The binary's name, for messages.
     pub name: String,
+    /// The file its stderr is appended to.
     pub log: PathBuf,
 }
 
 impl Proc {
+    /// Starts the workspace binary `binary` with `args`, stderr appended to `log`.
     pub fn spawn(binary: &str, args: &[String], log: &Path) -> Proc {
         Proc::start(Proc::command(binary, args, log), binary, log)
     }
@@ -145,6 +151,7 @@ impl Proc {
         }
     }
 
+    /// The process id, while it has not been killed.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
@@ -233,13 +240,18 @@ pub async fn wait_ready(addr: SocketAddr, proc_: &mut Proc, timeout: Duration) {
 
 /// A sequencer on a free port in its own data dir.
 pub struct Sequencer {
+    /// The process.
     pub proc_: Proc,
+    /// Where it listens for DKSP.
     pub addr: SocketAddr,
+    /// Its `--data-dir`.
     pub data_dir: PathBuf,
     extra: Vec<String>,
 }
 
 impl Sequencer {
+    /// Starts a sequencer on a free port with `data_dir` and the `extra` arguments, and waits until
+    /// it answers `PING`.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Sequencer {
         let addr = local(free_port());
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();

@@ -10,22 +10,30 @@ use crate::{free_port, local, status, wait_ready, wait_until, Proc, Sequencer};
 
 /// One logserver replica of a test cluster.
 pub struct Replica {
+    /// Its Raft id (1 to 3).
     pub id: u64,
+    /// Where it listens for DKSP.
     pub dksp: SocketAddr,
+    /// Where it listens for Raft RPCs.
     pub raft: SocketAddr,
     /// The DKSP address the membership advertises (in `REDIRECT`s): `dksp`, unless clients
     /// reach this replica through a proxy.
     pub advertise: SocketAddr,
     /// Arguments for this replica only (e.g. `--raft-route`).
     pub extra: Vec<String>,
+    /// Its `--data-dir`.
     pub data_dir: PathBuf,
+    /// The running process; `None` while it is stopped.
     pub proc_: Option<Proc>,
 }
 
 /// Three logserver replicas on free ports in a temp dir.
 pub struct LogCluster {
+    /// The temp dir holding every replica's data and logs.
     pub dir: tempfile::TempDir,
+    /// The replicas, ids 1 to 3 in order.
     pub replicas: Vec<Replica>,
+    /// Arguments for every replica.
     pub extra: Vec<String>,
 }
 
@@ -86,6 +94,7 @@ impl LogCluster {
         self.wait_for_leader().await;
     }
 
+    /// The `--peers` value: `id=raft/advertised-dksp` for every replica.
     pub fn peers(&self) -> String {
         self.replicas
             .iter()
@@ -94,6 +103,7 @@ impl LogCluster {
             .join(",")
     }
 
+    /// Every replica's DKSP address (the kvstore's `--log`).
     pub fn addrs(&self) -> Vec<String> {
         self.replicas.iter().map(|r| r.dksp.to_string()).collect()
     }
@@ -151,6 +161,7 @@ impl LogCluster {
         let _ = std::fs::remove_dir_all(&self.replicas[i].data_dir);
     }
 
+    /// Replica `i`'s `STATUS` as a map; `None` if it does not answer.
     pub async fn status(&self, i: usize) -> Option<std::collections::HashMap<String, String>> {
         status(self.replicas[i].dksp).await
     }
@@ -175,6 +186,8 @@ impl LogCluster {
         leader
     }
 
+    /// Waits (up to 20 s) until the live replicas agree on a leader and returns its index; panics
+    /// with their log tails otherwise.
     pub async fn wait_for_leader(&self) -> usize {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -213,19 +226,27 @@ impl LogCluster {
 
 /// A whole system: three log replicas, a sequencer and a kvstore, each on free ports.
 pub struct System {
+    /// The three log replicas.
     pub log: LogCluster,
+    /// The sequencer.
     pub seq: Sequencer,
+    /// The kvstore; `None` while it is stopped.
     pub kv: Option<Proc>,
+    /// Where the kvstore listens; kept across restarts.
     pub kv_addr: SocketAddr,
+    /// Arguments for every kvstore started.
     pub kv_extra: Vec<String>,
     /// Where the kvstore is told the sequencer and the log replicas are: their own addresses,
     /// unless the links go through proxies.
     pub kv_seq_route: String,
+    /// The log replicas' addresses as the kvstore is told them.
     pub kv_log_route: Vec<String>,
     kv_starts: usize,
 }
 
 impl System {
+    /// Starts a log cluster, a sequencer and a kvstore with `kv_extra`, and waits until the kvstore
+    /// serves.
     pub async fn start(kv_extra: &[&str]) -> System {
         let log = LogCluster::start(&[]).await;
         let mut s = System::assemble(log, kv_extra).await;
@@ -278,17 +299,20 @@ impl System {
         p
     }
 
+    /// Starts the kvstore on `kv_addr` and waits until it serves.
     pub async fn start_kv(&mut self) {
         let p = self.spawn_kv(self.kv_addr).await;
         self.kv = Some(p);
     }
 
+    /// kill -9 the kvstore, if it runs.
     pub fn kill_kv(&mut self) {
         if let Some(mut p) = self.kv.take() {
             p.kill9();
         }
     }
 
+    /// kill -9 the kvstore and start it again on the same address.
     pub async fn restart_kv(&mut self) {
         self.kill_kv();
         self.start_kv().await;

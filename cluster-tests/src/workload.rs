@@ -148,10 +148,12 @@ pub async fn check_history(
 }
 
 impl History {
+    /// Transactions known to have committed.
     pub fn committed(&self) -> usize {
         self.outcomes.values().filter(|o| **o == Some(true)).count()
     }
 
+    /// One line: committed, aborted and indeterminate counts.
     pub fn summary(&self) -> String {
         let aborted = self
             .outcomes

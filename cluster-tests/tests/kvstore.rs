@@ -30,7 +30,7 @@ fn mvcc_scripts() {
     let sys = rt.block_on(System::start(&[]));
     let mut clients: HashMap<String, Client> = HashMap::new();
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/mvcc.txt");
-    protocol::golden::check_script(&path, |input| {
+    golden::check_script(&path, |input| {
         let (name, cmd) = input.split_once(": ").expect("'> name: COMMAND'");
         rt.block_on(async {
             if !clients.contains_key(name) {

@@ -12,6 +12,9 @@
 //!   shared by the engine and the follower.
 //! - [`limits`]: per-transaction and server-wide limits on buffered writes and snapshot age.
 //! - [`server`]: sessions and the DKSP commands.
+
+#![warn(missing_docs)]
+
 pub mod engine;
 pub mod follow;
 pub mod lifecycle;

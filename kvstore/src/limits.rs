@@ -53,6 +53,7 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// A budget of `limit` bytes (`--max-buffered-mib`), shared by all sessions.
     pub fn new(limit: usize) -> Arc<Budget> {
         Arc::new(Budget {
             used: AtomicUsize::new(0),
@@ -65,6 +66,7 @@ impl Budget {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// The budget in bytes.
     pub fn limit(&self) -> usize {
         self.limit
     }
@@ -117,6 +119,7 @@ impl Reservation {
         true
     }
 
+    /// Bytes this reservation holds now.
     pub fn bytes(&self) -> usize {
         self.bytes
     }

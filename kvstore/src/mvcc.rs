@@ -12,13 +12,16 @@ use bytes::Bytes;
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Bound;
 
+/// One version of a key: what it held from commit timestamp `ts` on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Version {
+    /// The commit timestamp that wrote this version.
     pub ts: u64,
     /// `None` is a tombstone (the key was deleted).
     pub value: Option<Bytes>,
 }
 
+/// The multi-version store: every key's versions, newest last, and what garbage collection needs.
 #[derive(Debug, Default)]
 pub struct Store {
     keys: BTreeMap<Bytes, Vec<Version>>,
@@ -30,6 +33,7 @@ pub struct Store {
 }
 
 impl Store {
+    /// An empty store.
     pub fn new() -> Store {
         Store::default()
     }
@@ -251,6 +255,7 @@ pub struct StoreStats {
 /// A page of a scan (see [`Store::scan_page`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
+    /// The visible rows of the page, in key order.
     pub rows: Vec<(Bytes, Bytes)>,
     /// The last key looked at, when the range may hold more after it; `None` once it is done.
     pub more_after: Option<Bytes>,

@@ -14,17 +14,26 @@
 use bytes::Bytes;
 use protocol::token;
 
+/// One record of a log entry (one line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
+    /// `EPOCH <epoch>`: a kvstore with this epoch took over the log; commits of older epochs after
+    /// it are void.
     Epoch(u64),
+    /// `COMMIT <ts> <epoch> ...`: one committed transaction's writes.
     Commit {
+        /// The commit timestamp.
         ts: u64,
+        /// The epoch of the kvstore that wrote it.
         epoch: u64,
+        /// The writes in order: `Some(value)` for `PUT`, `None` for `DEL`.
         writes: Vec<(Bytes, Option<Bytes>)>,
     },
 }
 
 impl Record {
+    /// Appends the record's line (without `
+    /// `) to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             Record::Epoch(e) => out.extend_from_slice(format!("EPOCH {e}").as_bytes()),

@@ -22,8 +22,8 @@
 //!   before reading the next, so the server holds at most one page per scan (plus the socket
 //!   buffers), a reader that does not read blocks only its own session, and a long scan yields
 //!   the (single) runtime thread between pages. Its snapshot is bounded by the same age limit.
-//!   (The paging is in [`scan`].)
-//! - One home per behaviour: [`Session::execute`] takes every request; [`Session::write`] alone
+//!   (The paging is in `server/scan.rs`.)
+//! - One home per behaviour: [`Session::execute`] takes every request; `Session::write` alone
 //!   tells a transaction's buffered write from an autocommit one, and an autocommit write is a
 //!   blind submit, which has no snapshot and so no conflict to answer.
 
@@ -38,7 +38,7 @@ use protocol::hops::{self, Hop};
 use protocol::kv::Request;
 use protocol::{Connection, ErrorCode, Response, ServerError};
 
-use crate::engine::{Engine, EngineError, Mode, Outcome, Submitted};
+use crate::engine::{Engine, EngineError, Mode, Outcome};
 use crate::limits::Limits;
 use tokio::sync::oneshot;
 
@@ -55,6 +55,8 @@ struct Aborted {
     why: String,
 }
 
+/// One client connection's state: the open transaction, if any, and why the last one was aborted
+/// under the client.
 pub struct Session {
     engine: Arc<Engine>,
     limits: Arc<Limits>,
@@ -82,6 +84,7 @@ fn engine_err(e: EngineError) -> Response {
 }
 
 impl Session {
+    /// A session with no transaction open.
     pub fn new(engine: Arc<Engine>, limits: Arc<Limits>) -> Session {
         Session {
             engine,
@@ -158,7 +161,7 @@ impl Session {
     }
 
     /// Runs one request, answering it through `cx`. A write is buffered in the open
-    /// transaction or, outside one, pipelined as autocommit ([`Session::write`]); any other
+    /// transaction or, outside one, pipelined as autocommit (`Session::write`); any other
     /// request first waits for the replies queued before it, so a session always reads its own
     /// writes. A `SCAN` flushes its rows page by page. An error means the connection is gone.
     pub async fn execute(&mut self, req: Request, cx: &mut Cx<'_>) -> io::Result<()> {
@@ -282,7 +285,7 @@ impl Session {
             Ok(Outcome::Committed(start))
         } else {
             self.engine
-                .commit(Some(start), writes.into_iter().collect())
+                .commit(start, writes.into_iter().collect())
                 .await
         };
         self.engine.end_snapshot(start);
@@ -406,8 +409,9 @@ impl Session {
             ));
             return;
         }
-        match self.submit_blind((key, value)).await {
-            Ok((ts, durable)) => {
+        // A blind write: it reads nothing, so it has no snapshot to conflict with.
+        match self.engine.submit_blind(vec![(key, value)]).await {
+            Ok(crate::engine::Queued { ts, durable }) => {
                 let held = share.bytes();
                 // `--trace-hops`: a sampled write is marked from when its request was taken up
                 // to when its reply is ready (the connection loop flushes it right after).
@@ -429,23 +433,6 @@ impl Session {
                 );
             }
             Err(e) => cx.reply(engine_err(e)),
-        }
-    }
-
-    /// Queues a blind write: it reads nothing, so it has no snapshot to conflict with and
-    /// its commit timestamp is its snapshot. The receiver says when it is durable.
-    /// Also returns the commit's timestamp.
-    async fn submit_blind(
-        &self,
-        write: (Bytes, Option<Bytes>),
-    ) -> Result<(u64, Durable), EngineError> {
-        match self.engine.submit(None, vec![write]).await? {
-            Submitted::Queued(ts, durable) => Ok((ts, durable)),
-            // `Engine::submit` looks for conflicts only after a snapshot (`Some(start)`), so
-            // this is never taken; were it, the write was not made.
-            Submitted::Conflict(_) => Err(EngineError::Unavailable(
-                "conflict on a blind write; retry".into(),
-            )),
         }
     }
 
@@ -513,9 +500,6 @@ impl Session {
         Response::status(&pairs)
     }
 }
-
-/// When a queued commit is durable: the committer's answer, or its end.
-type Durable = oneshot::Receiver<Result<(), EngineError>>;
 
 fn write_reply(r: Result<Result<(), EngineError>, oneshot::error::RecvError>) -> Response {
     match r {

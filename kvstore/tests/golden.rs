@@ -1,5 +1,5 @@
 //! Data-driven tests of the commit path's decisions and of the in-flight registry, run without
-//! processes (see `protocol::golden`; `UPDATE_GOLDEN=1` rewrites the scripts).
+//! processes (see the `golden` crate; `UPDATE_GOLDEN=1` rewrites the scripts).
 //!
 //! `scripts/decide.txt`: `decide expected=E returned=R epoch=X seen=S [fenced=F]
 //! [gap=read:N|unusable|fenced:N]` prints the committer's step for an entry that came back
@@ -82,7 +82,7 @@ fn run_decide(input: &str) -> String {
 
 #[test]
 fn every_branch_of_the_commit_decision_is_scripted() {
-    protocol::golden::check_script(&script("decide.txt"), run_decide);
+    golden::check_script(&script("decide.txt"), run_decide);
 }
 
 fn yes(b: bool) -> String {
@@ -151,7 +151,7 @@ fn run_registry(reg: &mut Registry, input: &str) -> String {
 #[test]
 fn the_in_flight_registry_is_scripted() {
     let mut reg = Registry::default();
-    protocol::golden::check_script(&script("registry.txt"), |input| {
+    golden::check_script(&script("registry.txt"), |input| {
         run_registry(&mut reg, input)
     });
 }

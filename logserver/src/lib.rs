@@ -6,6 +6,9 @@
 //!   dedupe, checkpoints and compaction (openraft's `RaftStateMachine`).
 //! - [`network`]: Raft RPCs between replicas, postcard frames over TCP.
 //! - [`server`]: DKSP for clients, with group commit of concurrent `APPEND`s.
+
+#![warn(missing_docs)]
+
 pub mod log_store;
 pub mod network;
 pub mod pipeline;

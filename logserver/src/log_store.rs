@@ -53,22 +53,41 @@ use segments::{
 /// A segment is closed and a new one started once it is this large.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Why the log store could not open, read or write its files.
 #[derive(Debug, thiserror::Error)]
 pub enum LogStoreError {
+    /// Reading, writing or syncing a file failed.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// A record fails its checksum with valid records after it (not a torn tail): the replica
+    /// refuses to start rather than drop committed entries.
     #[error(
         "{path}: corrupt record at byte {offset} ({why}) with valid data after it; refusing to \
          start rather than lose committed entries. Move this replica's data directory away and \
          restart it empty to rebuild it from the other replicas"
     )]
     Corrupt {
+        /// The segment file.
         path: PathBuf,
+        /// Where the bad record starts, in bytes.
         offset: u64,
+        /// What is wrong with it.
         why: String,
     },
+    /// A file's contents are unusable: a small file (vote, purged, committed) fails its check or
+    /// does not decode, or a segment is missing or out of order.
     #[error("{path}: {why}")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> LogStoreError + '_ {
@@ -268,6 +287,7 @@ impl LogStore {
         self.lock().entries.len()
     }
 
+    /// Whether no entries are held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

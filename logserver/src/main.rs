@@ -1,3 +1,9 @@
+//! The `logserver` process, one replica: parses the flags, opens the log store and the state
+//! machine (refusing to start when Raft state exists without its vote file, which could let it
+//! vote twice in one term), starts Raft and its network, initialises the group on `--init`
+//! (only on a replica that has never held state), and serves DKSP until SIGINT or SIGTERM, or
+//! until Raft stops (a failed disk write): a replica is either fully working or gone.
+
 use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;

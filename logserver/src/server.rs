@@ -63,7 +63,7 @@ pub struct Batcher {
 
 impl Batcher {
     /// `gate`, the local log's flush counts, lets a batch grow while the one before is being
-    /// flushed (see [`run_batcher`]).
+    /// flushed (see `run_batcher`).
     pub fn start(raft: Raft, max_inflight: usize, gate: Option<Arc<FlushGate>>) -> Batcher {
         let (tx, rx) = mpsc::channel(64 * 1024);
         tokio::spawn(run_batcher(raft, rx, max_inflight.max(1), gate));
@@ -227,9 +227,13 @@ fn render_result(render: Render, r: OpResult) -> Response {
 
 /// What a connection handler needs.
 pub struct LogServer {
+    /// This replica's id.
     pub id: NodeId,
+    /// This replica's Raft node.
     pub raft: Raft,
+    /// The applied log, for `READ`, `TAIL`, `STATUS` and checkpoints.
     pub sm: StateMachine,
+    /// Group commit: gathers concurrent `APPEND`s into one Raft entry.
     pub batcher: Batcher,
     /// `--max-checkpoint-mib` in bytes: a `CKPT_PUT` chunk whose end would pass this is
     /// refused `ERR TOO_LARGE` (checked on the leader before proposing, so the staged upload

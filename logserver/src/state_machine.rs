@@ -47,12 +47,16 @@ struct ClientSeqs {
     floor: u64,
 }
 
+/// The latest committed checkpoint, held whole by every replica.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checkpoint {
+    /// The upload id it was committed under.
     pub id: u64,
     /// The checkpoint is the state as of this logical index.
     pub index: u64,
+    /// The CRC32C of `data`.
     pub crc: u32,
+    /// The checkpoint's bytes, as the kvstore uploaded them.
     pub data: Bytes,
 }
 

@@ -12,12 +12,15 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::io::Cursor;
 
+/// A replica's id in the Raft group (`--id`).
 pub type NodeId = u64;
 
 /// A replica's two addresses: Raft traffic between replicas, and DKSP for clients.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
+    /// Where the replica listens for Raft RPCs from the other replicas.
     pub raft_addr: String,
+    /// Where the replica listens for DKSP clients.
     pub dksp_addr: String,
 }
 
@@ -32,18 +35,32 @@ impl fmt::Display for Node {
 pub enum Op {
     /// Append `payload` once per `(client, seq)`.
     Append {
+        /// The writer's id; with `seq` it names the append for exactly-once delivery.
         client: Bytes,
+        /// The writer's sequence number for this append.
         seq: u64,
+        /// The entry's bytes.
         payload: Bytes,
     },
     /// Part of a checkpoint upload: `data` belongs at `offset` of checkpoint `id`.
-    CkptChunk { id: u64, offset: u64, data: Bytes },
+    CkptChunk {
+        /// The upload's id.
+        id: u64,
+        /// Where in the upload `data` goes.
+        offset: u64,
+        /// The chunk's bytes.
+        data: Bytes,
+    },
     /// Checkpoint `id` (of `len` bytes with CRC32C `crc`) is the state as of logical index
     /// `index`; entries up to `index` may be dropped.
     CkptCommit {
+        /// The upload's id.
         id: u64,
+        /// The logical index the checkpoint covers.
         index: u64,
+        /// The upload's total length in bytes.
         len: u64,
+        /// The CRC32C of the whole upload.
         crc: u32,
     },
 }
@@ -94,13 +111,22 @@ openraft::declare_raft_types!(
         SnapshotData = Cursor<Vec<u8>>,
 );
 
+/// A Raft log entry of dtkv's log.
 pub type Entry = openraft::Entry<TypeConfig>;
+/// A Raft log position: term, leader and index.
 pub type LogId = openraft::LogId<NodeId>;
+/// A Raft vote: the term and the candidate voted for.
 pub type Vote = openraft::Vote<NodeId>;
+/// The error openraft's storage traits return.
 pub type StorageError = openraft::StorageError<NodeId>;
+/// The membership as stored in the log and snapshots.
 pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+/// What a snapshot covers: its last log id and membership.
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
+/// The Raft node of one replica.
 pub type Raft = openraft::Raft<TypeConfig>;
+/// An error from a Raft API call.
 pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<NodeId, E>;
+/// An error from a Raft RPC to another replica.
 pub type RpcError<E = openraft::error::Infallible> =
     openraft::error::RPCError<NodeId, Node, RaftError<E>>;

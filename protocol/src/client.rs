@@ -15,35 +15,45 @@ use crate::{kv, log, seq};
 /// servers' default request limit.
 const CLIENT_MAX_LINE: usize = 64 * 1024 * 1024;
 
+/// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// The connection failed (connect, read or write).
     #[error("i/o: {0}")]
     Io(#[from] io::Error),
+    /// The server closed the connection before the reply.
     #[error("server closed the connection")]
     Closed,
+    /// The reply line does not parse as DKSP, or lacks a field the call needs.
     #[error("unparseable reply: {0}")]
     Protocol(String),
+    /// The server answered `ERR`.
     #[error("server error: {0}")]
     Server(ServerError),
+    /// A well-formed reply of the wrong shape for this request.
     #[error("unexpected reply: {0:?}")]
     Unexpected(Response),
 }
 
+/// The result of a client call.
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 /// How a `COMMIT` ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
+    /// `COMMITTED <commit_ts>`: the transaction is durable at this timestamp.
     Committed(u64),
     /// The `ABORTED` reason words, e.g. `["CONFLICT", "user:1"]`.
     Aborted(Vec<Bytes>),
 }
 
+/// One DKSP connection to any of the three servers, with pipelining and typed helpers.
 pub struct Client {
     conn: Connection,
 }
 
 impl Client {
+    /// Connects to a server at `addr`; replies may be up to 64 MiB per line.
     pub async fn connect(addr: impl ToSocketAddrs) -> Result<Client> {
         let stream = TcpStream::connect(addr).await?;
         Ok(Client {
@@ -56,6 +66,7 @@ impl Client {
         self.conn.write_line(line);
     }
 
+    /// Sends every queued request now.
     pub async fn flush(&mut self) -> Result<()> {
         Ok(self.conn.flush().await?)
     }
@@ -97,6 +108,7 @@ impl Client {
         }
     }
 
+    /// `PING`, expecting `PONG`.
     pub async fn ping(&mut self) -> Result<()> {
         match self.call_ok(b"PING").await? {
             Response::Pong => Ok(()),
@@ -128,6 +140,8 @@ impl Client {
 
     // --- kvstore ---
 
+    /// Sends a kvstore request and reads its single-line reply; `ERR` becomes
+    /// `ClientError::Server`.
     pub async fn kv(&mut self, req: &kv::Request) -> Result<Response> {
         self.call_ok(&req.encode()).await
     }
@@ -142,6 +156,7 @@ impl Client {
         }
     }
 
+    /// `GET`: the value, or `None` for `NIL`.
     pub async fn get(&mut self, key: impl Into<Bytes>) -> Result<Option<Bytes>> {
         match self.kv(&kv::Request::Get { key: key.into() }).await? {
             Response::Value(v) => Ok(Some(v)),
@@ -150,6 +165,7 @@ impl Client {
         }
     }
 
+    /// `PUT`, expecting `OK`.
     pub async fn put(&mut self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<()> {
         let req = kv::Request::Put {
             key: key.into(),
@@ -158,10 +174,12 @@ impl Client {
         expect_ok(self.kv(&req).await?)
     }
 
+    /// `DEL`, expecting `OK`.
     pub async fn del(&mut self, key: impl Into<Bytes>) -> Result<()> {
         expect_ok(self.kv(&kv::Request::Del { key: key.into() }).await?)
     }
 
+    /// `SCAN`: the rows in `[start, end)`, sorted, at most `limit`.
     pub async fn scan(
         &mut self,
         start: impl Into<Bytes>,
@@ -183,6 +201,7 @@ impl Client {
             .collect()
     }
 
+    /// `COMMIT`: committed at a timestamp, or aborted with its reason (neither is an error).
     pub async fn commit(&mut self) -> Result<CommitOutcome> {
         match self.kv(&kv::Request::Commit).await? {
             Response::Committed(ts) => Ok(CommitOutcome::Committed(ts)),
@@ -191,6 +210,7 @@ impl Client {
         }
     }
 
+    /// `ABORT`, expecting `OK`.
     pub async fn abort(&mut self) -> Result<()> {
         expect_ok(self.kv(&kv::Request::Abort).await?)
     }
@@ -222,6 +242,7 @@ impl Client {
         }
     }
 
+    /// `CURRENT`: the highest timestamp the sequencer has handed out.
     pub async fn current_ts(&mut self) -> Result<u64> {
         match self.call_ok(&seq::Request::Current.encode()).await? {
             Response::Ts { first, count: None } => Ok(first),

@@ -12,7 +12,9 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// A split request line: the verb in upper case and its raw arguments.
 #[derive(Debug)]
 pub struct Cmd {
+    /// The verb, upper-cased.
     pub verb: String,
+    /// The arguments after the verb, unquoted.
     pub args: Vec<Bytes>,
 }
 
@@ -56,6 +58,7 @@ impl Cmd {
             .map_err(|e| ServerError::new(ErrorCode::Syntax, format!("{what}: {e}")))
     }
 
+    /// The `ERR UNKNOWN_COMMAND` reply for this verb.
     pub fn unknown(&self) -> ServerError {
         ServerError::new(
             ErrorCode::UnknownCommand,
@@ -64,6 +67,8 @@ impl Cmd {
     }
 }
 
+/// Checks a key's length: 1 to [`MAX_KEY_LEN`] bytes (`ERR SYNTAX` when empty, `ERR TOO_LARGE` when
+/// longer).
 pub fn check_key(k: &[u8]) -> Result<(), ServerError> {
     if k.is_empty() {
         return Err(ServerError::new(

@@ -37,6 +37,8 @@ pub struct LineCodec {
 }
 
 impl LineCodec {
+    /// A codec that refuses lines longer than `max_line` bytes (without the `
+    /// `).
     pub fn new(max_line: usize) -> Self {
         Self {
             max_line,
@@ -45,6 +47,7 @@ impl LineCodec {
         }
     }
 
+    /// The longest line this codec accepts, in bytes.
     pub fn max_line(&self) -> usize {
         self.max_line
     }

@@ -75,6 +75,7 @@ pub struct ReadBudget {
 }
 
 impl ReadBudget {
+    /// A budget of `limit` bytes, shared by all connections of a server.
     pub fn new(limit: usize) -> Arc<ReadBudget> {
         Arc::new(ReadBudget {
             limit,
@@ -82,6 +83,7 @@ impl ReadBudget {
         })
     }
 
+    /// The budget in bytes (the server's `--max-read-buffer-mib`, in bytes).
     pub fn limit(&self) -> usize {
         self.limit
     }
@@ -113,11 +115,17 @@ impl ReadBudget {
 /// What a server enforces on each connection it accepts (`None`: no such limit).
 #[derive(Debug, Clone, Default)]
 pub struct ConnLimits {
+    /// Close a connection that has not sent a complete line within this long of connecting.
     pub handshake_timeout: Option<Duration>,
+    /// Close a connection that has neither read nor written for this long.
     pub idle_timeout: Option<Duration>,
+    /// The server-wide budget for enlarged read buffers; a connection that cannot grow its buffer
+    /// within it is closed.
     pub read_budget: Option<Arc<ReadBudget>>,
 }
 
+/// A buffered DKSP connection: framed reads of request lines, batched writes of replies, and the
+/// per-connection limits of [`ConnLimits`].
 pub struct Connection {
     stream: TcpStream,
     codec: LineCodec,
@@ -171,6 +179,7 @@ impl Connection {
         self.codec.max_line()
     }
 
+    /// The peer's address, if the socket still knows it.
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.peer_addr().ok()
     }

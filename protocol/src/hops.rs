@@ -65,6 +65,7 @@ pub enum Hop {
 }
 
 impl Hop {
+    /// Every hop, in commit-path order.
     pub const ALL: [Hop; 13] = [
         Hop::KvRecv,
         Hop::KvSend,
@@ -81,6 +82,7 @@ impl Hop {
         Hop::RaftRecv,
     ];
 
+    /// The hop's name on the wire (`HOPS` replies), e.g. `kv_recv`.
     pub fn name(self) -> &'static str {
         match self {
             Hop::KvRecv => "kv_recv",
@@ -99,6 +101,7 @@ impl Hop {
         }
     }
 
+    /// The hop named `s`, if any.
     pub fn parse(s: &[u8]) -> Option<Hop> {
         Hop::ALL.into_iter().find(|h| h.name().as_bytes() == s)
     }
@@ -107,8 +110,11 @@ impl Hop {
 /// One recorded mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
+    /// Which point of the commit path.
     pub hop: Hop,
+    /// What the mark is about: a commit timestamp in the kvstore, a Raft index in the logserver.
     pub key: u64,
+    /// Extra detail for some hops (the follower id of `RaftSend` and `RaftAck`), else 0.
     pub aux: u64,
     /// `CLOCK_MONOTONIC`, ns.
     pub t_ns: u64,
@@ -269,7 +275,7 @@ pub fn sample(ts: u64) -> bool {
     true
 }
 
-/// Whether [`sample`] chose `ts` (recently: a slot is reused after [`SAMPLE_SLOTS`] samples).
+/// Whether [`sample`] chose `ts` (recently: a slot is reused after `SAMPLE_SLOTS` samples).
 #[inline]
 pub fn sampled(ts: u64) -> bool {
     on() && SAMPLED[slot(ts)].load(Ordering::Relaxed) == ts

@@ -6,32 +6,50 @@ use crate::cmd::{encode, Cmd};
 use crate::response::{ErrorCode, ServerError};
 use crate::token;
 
+/// A kvstore request, one line of DKSP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
+    /// Opens a transaction; answers `OK <txid>`.
     Begin,
+    /// The key's value: the transaction's own write, else its snapshot's; outside a transaction
+    /// the latest committed one.
     Get {
+        /// The key to read.
         key: Bytes,
     },
+    /// Writes `value` under `key` (buffered in a transaction, committed at once outside one).
     Put {
+        /// The key to write.
         key: Bytes,
+        /// The value to store.
         value: Bytes,
     },
+    /// Deletes `key` (buffered in a transaction, committed at once outside one).
     Del {
+        /// The key to delete.
         key: Bytes,
     },
     /// Keys in `[start, end)`, sorted, at most `limit`.
     Scan {
+        /// The first key of the range (inclusive).
         start: Bytes,
+        /// The end of the range (exclusive).
         end: Bytes,
+        /// At most this many rows.
         limit: Option<u64>,
     },
+    /// Commits the open transaction: `COMMITTED <ts>` or `ABORTED <reason>`.
     Commit,
+    /// Discards the open transaction.
     Abort,
+    /// Answers `PONG`.
     Ping,
+    /// Answers `OK key=value ...` with the server's counters.
     Status,
     /// Diagnostic: the marks `--trace-hops` recorded since the last `HOPS`, one
     /// `OK <hop> <key> <aux> <t_ns>` line each, then `END`; `ERR UNAVAILABLE` when tracing is off.
     Hops,
+    /// Answers `OK`, then the server closes the connection.
     Quit,
 }
 

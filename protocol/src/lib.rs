@@ -12,14 +12,14 @@
 //! - [`record`]: checksummed `[len][crc32c][postcard]` records on disk and atomic file
 //!   replacement, shared by the logserver and the sequencer.
 //! - [`client`]: an async client with typed helpers.
-//! - [`golden`]: the runner for data-driven test scripts.
 //! - [`hops`]: the opt-in per-hop commit timestamps behind `--trace-hops` and `HOPS`.
+
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod cmd;
 pub mod codec;
 pub mod connection;
-pub mod golden;
 pub mod handler;
 pub mod hops;
 pub mod kv;

@@ -12,63 +12,91 @@ use crate::response::{ErrorCode, ServerError};
 /// case). The kvstore's committer also packs commits into one entry only up to a fraction of it.
 pub const LOG_MAX_LINE: usize = 8 * 1024 * 1024;
 
+/// A logserver request, one line of DKSP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// Append `payload` exactly once per `(client, seq)`; answers `OK <index>` once committed.
     Append {
+        /// The writer's id; with `seq` it names the append for exactly-once delivery.
         client: Bytes,
+        /// The writer's sequence number for this append.
         seq: u64,
+        /// The entry's bytes.
         payload: Bytes,
     },
     /// Committed entries from `from`, at most `max`, then `END`.
     Read {
+        /// The first logical index to read.
         from: u64,
+        /// At most this many entries.
         max: Option<u64>,
     },
     /// Committed entries from `from` as they commit, until the client closes; with `prefix`,
     /// only the entries that hold a line starting with it.
     Tail {
+        /// The first logical index to send.
         from: u64,
+        /// Only entries holding a line that starts with these bytes.
         prefix: Option<Bytes>,
     },
+    /// Adds replica `id` to the Raft group (leader only).
     AddReplica {
+        /// The new replica's id.
         id: u64,
+        /// Where the new replica listens for Raft RPCs.
         raft_addr: String,
+        /// Where the new replica listens for DKSP.
         dksp_addr: String,
     },
+    /// Removes replica `id` from the Raft group (leader only).
     RemoveReplica {
+        /// The replica to remove.
         id: u64,
     },
     /// Stage `data` at `offset` of checkpoint upload `id` (offset 0 starts a new upload).
     CkptPut {
+        /// The upload's id.
         id: u64,
+        /// Where in the upload `data` goes.
         offset: u64,
+        /// The chunk's bytes.
         data: Bytes,
     },
     /// Make upload `id` (`len` bytes, CRC32C `crc`) the checkpoint as of logical index `index`.
     CkptCommit {
+        /// The upload's id.
         id: u64,
+        /// The logical log index the checkpoint covers (entries up to it may be compacted).
         index: u64,
+        /// The upload's total length in bytes.
         len: u64,
+        /// The CRC32C of the whole upload.
         crc: u32,
     },
     /// The current checkpoint's id, index, length and CRC.
     CkptInfo,
     /// Up to `max` bytes of checkpoint `id` from `offset`.
     CkptRead {
+        /// The checkpoint's id.
         id: u64,
+        /// The first byte to read.
         offset: u64,
+        /// At most this many bytes.
         max: u64,
     },
+    /// Answers `PONG`.
     Ping,
+    /// Answers `OK key=value ...` with the replica's role, indices and counters.
     Status,
     /// Diagnostic: the marks `--trace-hops` recorded since the last `HOPS`, one
     /// `OK <hop> <key> <aux> <t_ns>` line each, then `END`; `ERR UNAVAILABLE` when tracing is off.
     Hops,
+    /// Answers `OK`, then the server closes the connection.
     Quit,
 }
 
 impl Request {
+    /// Parses a request line; `Ok(None)` for a blank line.
     pub fn parse(line: &[u8]) -> Result<Option<Request>, ServerError> {
         let Some(c) = Cmd::parse(line)? else {
             return Ok(None);
@@ -157,6 +185,8 @@ impl Request {
         Ok(Some(req))
     }
 
+    /// The request as a line (without the `
+    /// `); `parse` gives it back.
     pub fn encode(&self) -> Vec<u8> {
         let none: [&[u8]; 0] = [];
         match self {

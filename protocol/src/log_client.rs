@@ -21,6 +21,7 @@ pub struct Replicas {
 }
 
 impl Replicas {
+    /// Replicas to try, starting with the first.
     pub fn new(addrs: Vec<String>) -> Replicas {
         Replicas { addrs, next: 0 }
     }
@@ -90,6 +91,8 @@ fn field(pairs: &[(&[u8], &[u8])], reply: &str, name: &str) -> Result<u64> {
     parse_u64(v).map_err(|e| ClientError::Protocol(format!("{reply} {name}: {e}")))
 }
 
+/// A client of the whole log: it finds the leader, follows `REDIRECT`, and retries through
+/// failovers until its deadline.
 pub struct LogClient {
     replicas: Replicas,
     conn: Option<(String, Client)>,

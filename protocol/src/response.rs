@@ -37,6 +37,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, for parsing and tests.
     pub const ALL: [ErrorCode; 11] = [
         ErrorCode::Syntax,
         ErrorCode::UnknownCommand,
@@ -51,6 +52,7 @@ impl ErrorCode {
         ErrorCode::Rejected,
     ];
 
+    /// The code as written on the wire, e.g. `TOO_LARGE`.
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::Syntax => "SYNTAX",
@@ -67,6 +69,7 @@ impl ErrorCode {
         }
     }
 
+    /// The code written `s`, if any.
     pub fn parse(s: &[u8]) -> Option<ErrorCode> {
         ErrorCode::ALL
             .into_iter()
@@ -84,11 +87,14 @@ impl fmt::Display for ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{code} {message}")]
 pub struct ServerError {
+    /// What the caller should do.
     pub code: ErrorCode,
+    /// A one-line explanation for people.
     pub message: String,
 }
 
 impl ServerError {
+    /// An error with this code and message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             code,
@@ -111,6 +117,7 @@ impl ServerError {
 pub enum Response {
     /// `OK [arg ...]`: success, with optional results (`OK <txid>`, `OK <index>`, `OK k=v ...`).
     Ok(Vec<Bytes>),
+    /// `PONG`: the answer to `PING`.
     Pong,
     /// `VALUE <value>`
     Value(Bytes),
@@ -126,7 +133,9 @@ pub enum Response {
     Aborted(Vec<Bytes>),
     /// `TS <t>` (count = None) or `TS <first> <n>`.
     Ts {
+        /// The timestamp, or the first of the block.
         first: u64,
+        /// The block's size for `NEXT <n>`.
         count: Option<u64>,
     },
     /// `ENTRY <index> <payload>`: one log entry of a `READ` or `TAIL`.
@@ -138,10 +147,12 @@ pub enum Response {
 }
 
 impl Response {
+    /// `OK` with no arguments.
     pub fn ok() -> Self {
         Response::Ok(Vec::new())
     }
 
+    /// `ERR <code> <message>`.
     pub fn err(code: ErrorCode, message: impl Into<String>) -> Self {
         Response::Err(ServerError::new(code, message))
     }
@@ -218,6 +229,8 @@ impl Response {
         }
     }
 
+    /// The reply as a line (without the `
+    /// `).
     pub fn to_line(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.encode(&mut out);

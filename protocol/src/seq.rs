@@ -6,20 +6,26 @@ use crate::response::{ErrorCode, ServerError};
 /// The largest block one `NEXT <n>` may reserve.
 pub const MAX_BLOCK: u64 = 1_000_000;
 
+/// A sequencer request, one line of DKSP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// `NEXT` (count = None) answers `TS <t>`; `NEXT <n>` answers `TS <first> <n>`.
     Next {
+        /// `None` for one timestamp, `Some(n)` for a block of `n` (1 to [`MAX_BLOCK`]).
         count: Option<u64>,
     },
     /// The highest timestamp handed out so far.
     Current,
+    /// Answers `PONG`.
     Ping,
+    /// Answers `OK key=value ...` with the durable mark and counters.
     Status,
+    /// Answers `OK`, then the server closes the connection.
     Quit,
 }
 
 impl Request {
+    /// Parses a request line; `Ok(None)` for a blank line.
     pub fn parse(line: &[u8]) -> Result<Option<Request>, ServerError> {
         let Some(c) = Cmd::parse(line)? else {
             return Ok(None);
@@ -51,6 +57,8 @@ impl Request {
         Ok(Some(req))
     }
 
+    /// The request as a line (without the `
+    /// `); `parse` gives it back.
     pub fn encode(&self) -> Vec<u8> {
         let none: [&[u8]; 0] = [];
         match self {

@@ -25,7 +25,7 @@ use crate::connection::{ConnLimits, Connection, ReadBudget};
 pub const FD_HEADROOM: u64 = 128;
 
 /// After this many bytes of read buffers were freed, the allocator is asked to give free
-/// memory back to the OS (at most once per [`RECLAIM_EVERY`]).
+/// memory back to the OS (at most once per `RECLAIM_EVERY`).
 pub const RECLAIM_AFTER: usize = 16 << 20;
 const RECLAIM_EVERY: Duration = Duration::from_secs(1);
 
@@ -38,8 +38,11 @@ const REFUSE_LINGER: Duration = Duration::from_millis(500);
 /// Everything [`serve_with`] enforces.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// The longest request line accepted (`--max-line`).
     pub max_line: usize,
+    /// Connections beyond this many are refused with one `ERR` line (`--max-connections`).
     pub max_connections: usize,
+    /// What each accepted connection enforces.
     pub limits: ConnLimits,
 }
 

@@ -238,7 +238,7 @@ pub fn join<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
 const DISPLAY_MAX: usize = 64;
 
 /// Renders bytes for a human message (error texts, logs): the quoted form when not bare, cut
-/// to its first [`DISPLAY_MAX`] bytes, so an error echoing a client's token stays one short
+/// to its first `DISPLAY_MAX` bytes, so an error echoing a client's token stays one short
 /// line however long (and, quoted, up to 4x longer) the token was.
 pub fn display(arg: &[u8]) -> String {
     let mut out = Vec::new();

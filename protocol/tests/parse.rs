@@ -1,8 +1,8 @@
 //! Data-driven parser tests: `tests/scripts/*.txt` hold request and reply lines with the parse
-//! result each gives (see `protocol::golden`). Inputs start with the parser to use: `kv`, `seq`,
+//! result each gives (see the `golden` crate). Inputs start with the parser to use: `kv`, `seq`,
 //! `log` for requests of that process, `reply` for a server's reply line.
 
-use protocol::{golden, kv, log, seq, Response};
+use protocol::{kv, log, seq, Response};
 use std::fmt::Debug;
 
 fn show<R: Debug>(

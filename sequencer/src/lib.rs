@@ -5,6 +5,8 @@
 //! raises it a window at a time in the background, so no request pays for an fsync; [`server`]
 //! speaks DKSP (`NEXT`, `NEXT n`, `CURRENT`, `PING`, `STATUS`, `QUIT`).
 
+#![warn(missing_docs)]
+
 pub mod oracle;
 pub mod server;
 pub mod state;

@@ -1,3 +1,9 @@
+//! The `sequencer` process: parses the flags, opens the state file, and either writes a
+//! `--reset-to` mark and exits, or starts the [`Oracle`] and serves DKSP until SIGINT or
+//! SIGTERM. A state file it cannot trust (unreadable, corrupt) stops it with a one-line reason
+//! before it listens: timestamps handed out from a guessed mark could repeat ones already
+//! issued.
+
 use anyhow::Context;
 use clap::Parser;
 use std::path::PathBuf;

@@ -16,10 +16,13 @@ use tokio::sync::Notify;
 
 use crate::state::{StateError, StateFile};
 
+/// Why no timestamp could be handed out.
 #[derive(Debug, thiserror::Error)]
 pub enum OracleError {
+    /// The mark could not be raised on disk (`ERR UNAVAILABLE`; a later request may succeed).
     #[error("cannot reserve timestamps: {0}")]
     Persist(String),
+    /// Every timestamp up to `u64::MAX` is used up; nothing can be handed out again.
     #[error("timestamps exhausted (the last possible timestamp, 2^64-1, is reserved or issued)")]
     Exhausted,
 }
@@ -37,6 +40,8 @@ struct Inner {
     last_error: Option<String>,
 }
 
+/// The timestamp oracle: hands out strictly increasing timestamps below the durable mark, raising
+/// the mark in the background a window at a time.
 pub struct Oracle {
     inner: Mutex<Inner>,
     /// Wakes requests waiting for the mark to rise.

@@ -15,16 +15,29 @@ const MAGIC: &[u8; 8] = b"DTKVSEQ1";
 const FILE_NAME: &str = "sequencer.state";
 const LEN: usize = 20;
 
+/// Why the state file could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// Reading or writing the file failed; the sequencer cannot vouch for its mark.
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        source: io::Error,
+    },
+    /// The file exists but does not hold a valid mark; the sequencer refuses to start.
     #[error(
         "{path} is corrupt ({why}); refusing to start, as the last reserved timestamp is unknown \
          and could be reissued. If you know a safe mark, write it with `sequencer --data-dir DIR \
          --reset-to N` (N above any timestamp ever issued)"
     )]
-    Corrupt { path: PathBuf, why: String },
+    Corrupt {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        why: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -49,6 +62,7 @@ impl StateFile {
         })
     }
 
+    /// The state file's path, `<dir>/sequencer.state`.
     pub fn path(&self) -> PathBuf {
         self.dir.join(FILE_NAME)
     }
@@ -75,6 +89,7 @@ impl StateFile {
     }
 }
 
+/// The file's 20 bytes for `mark`: magic, the mark little-endian, CRC32C of both.
 pub fn encode(mark: u64) -> [u8; LEN] {
     let mut buf = [0u8; LEN];
     buf[..8].copy_from_slice(MAGIC);
@@ -84,6 +99,7 @@ pub fn encode(mark: u64) -> [u8; LEN] {
     buf
 }
 
+/// The mark in a file's bytes, or why they are not a valid state file.
 pub fn decode(bytes: &[u8]) -> Result<u64, String> {
     if bytes.len() != LEN {
         return Err(format!("{} bytes, expected {LEN}", bytes.len()));

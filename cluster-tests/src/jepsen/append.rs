@@ -59,16 +59,22 @@ struct Keys {
 
 /// State shared by the clients of one run.
 pub struct Shared {
+    /// The kvstore (or its proxy) the clients connect to.
     pub addr: SocketAddr,
+    /// When the run began; history times are measured from it.
     pub start: Instant,
+    /// Set to end the run: clients finish their transaction and stop.
     pub stop: AtomicBool,
+    /// Every transaction and event so far.
     pub history: Mutex<History>,
     keys: Mutex<Keys>,
     next_elem: AtomicU64,
+    /// How many clients run.
     pub clients: u64,
 }
 
 impl Shared {
+    /// The shared state of a run against `addr` with `clients` clients.
     pub fn new(addr: SocketAddr, clients: u64) -> Arc<Shared> {
         Arc::new(Shared {
             addr,
@@ -84,6 +90,7 @@ impl Shared {
         })
     }
 
+    /// Nanoseconds since the run began.
     pub fn now_ns(&self) -> u64 {
         self.start.elapsed().as_nanos() as u64
     }
@@ -93,10 +100,12 @@ impl Shared {
         self.keys.lock().unwrap().next_key
     }
 
+    /// Transactions that committed so far.
     pub fn committed(&self) -> usize {
         self.history.lock().unwrap().count(Outcome::Ok)
     }
 
+    /// Adds a finished transaction to the history, numbering it.
     pub fn record(&self, t: Txn) {
         let mut h = self.history.lock().unwrap();
         let mut t = t;
@@ -104,6 +113,7 @@ impl Shared {
         h.txns.push(t);
     }
 
+    /// Records a nemesis event at the current time.
     pub fn event(&self, what: impl Into<String>) {
         let at_ns = self.now_ns();
         self.history

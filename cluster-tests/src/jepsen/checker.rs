@@ -45,11 +45,14 @@ mod report;
 
 pub use report::Report;
 
+/// One violation the checker found.
 #[derive(Clone, Debug)]
 pub struct Anomaly {
+    /// Its name, e.g. `G1a`, `lost-update`, `G-single`.
     pub kind: &'static str,
     /// The transactions involved (ids into the history).
     pub txns: Vec<usize>,
+    /// Why the transactions amount to it, for the report.
     pub explanation: String,
 }
 

@@ -11,8 +11,11 @@ use std::time::Duration;
 use super::proxy::{Mode, Proxy};
 use crate::{wait_serving, LogCluster, System};
 
+/// A whole system with a fault-injecting proxy on every link.
 pub struct FaultyCluster {
+    /// The processes; their peers are dialled through the proxies.
     pub sys: System,
+    /// The kvstore to the sequencer.
     pub kv_seq: Proxy,
     /// `kv_log[i]`: kvstore (and any client following a `REDIRECT`) to replica `i`.
     pub kv_log: Vec<Proxy>,
@@ -69,6 +72,7 @@ impl FaultyCluster {
         }
     }
 
+    /// Every proxy of the system.
     pub fn proxies(&self) -> impl Iterator<Item = &Proxy> {
         std::iter::once(&self.kv_seq)
             .chain(self.kv_log.iter())

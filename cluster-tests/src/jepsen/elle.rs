@@ -19,15 +19,20 @@ pub const PROMISED: &str = "strong-snapshot-isolation";
 /// adya's verdict on one view of a history.
 #[derive(Debug)]
 pub struct Verdict {
+    /// Which view of the history was checked: list-append or registers.
     pub view: &'static str,
+    /// The consistency model checked against.
     pub model: String,
+    /// adya's answer.
     pub valid: Valid,
+    /// The anomaly types adya found.
     pub anomaly_types: Vec<String>,
     /// adya's explanation of the first anomaly of each type.
     pub explanations: Vec<String>,
 }
 
 impl Verdict {
+    /// The verdict as one line of the report.
     pub fn line(&self) -> String {
         let v = match self.valid {
             Valid::True => "valid".to_string(),

@@ -19,23 +19,33 @@ use std::fmt;
 /// A key's list of appended elements.
 pub type List = Vec<u64>;
 
+/// One micro-operation of a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mop {
     /// `value` is `None` while unknown (an invocation, an indeterminate transaction).
     Read {
+        /// The key read.
         key: u64,
+        /// The list read (`None` while unknown).
         value: Option<List>,
     },
+    /// Appends `elem` to `key`'s list.
     Append {
+        /// The key appended to.
         key: u64,
+        /// The element, unique over the run.
         elem: u64,
     },
 }
 
+/// How a transaction ended, in Jepsen's terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
+    /// It committed.
     Ok,
+    /// It certainly did not commit (aborted, or refused before `COMMIT`).
     Fail,
+    /// Indeterminate: the connection failed after `COMMIT` was sent.
     Info,
 }
 
@@ -47,7 +57,9 @@ pub struct Txn {
     /// The client process. A process whose transaction ends `Info` gets a new number, since
     /// that transaction may still be in flight.
     pub process: u64,
+    /// Its reads and appends, in order.
     pub mops: Vec<Mop>,
+    /// How it ended.
     pub outcome: Outcome,
     /// `BEGIN`'s reply (the snapshot timestamp), if it came.
     pub start_ts: Option<u64>,
@@ -55,6 +67,7 @@ pub struct Txn {
     pub commit_ts: Option<u64>,
     /// Nanoseconds since the run began: before `BEGIN` was sent, after the verdict arrived.
     pub invoked_ns: u64,
+    /// Nanoseconds since the run began when its verdict arrived.
     pub completed_ns: u64,
     /// The read of every key after the run and recovery: what durability is checked against.
     pub is_final: bool,
@@ -122,13 +135,18 @@ impl fmt::Display for Txn {
 /// What happened during a run besides transactions: faults injected and healed.
 #[derive(Clone, Debug)]
 pub struct Event {
+    /// Nanoseconds since the run began.
     pub at_ns: u64,
+    /// What happened, e.g. `kill -9 kvstore`.
     pub what: String,
 }
 
+/// A run's record: every transaction and every nemesis event.
 #[derive(Clone, Debug, Default)]
 pub struct History {
+    /// The transactions, numbered by position.
     pub txns: Vec<Txn>,
+    /// The nemesis events, in order.
     pub events: Vec<Event>,
 }
 
@@ -143,12 +161,14 @@ impl History {
         h
     }
 
+    /// Sets every transaction's id to its position.
     pub fn renumber(&mut self) {
         for (i, t) in self.txns.iter_mut().enumerate() {
             t.id = i;
         }
     }
 
+    /// Transactions that ended with `o`.
     pub fn count(&self, o: Outcome) -> usize {
         self.txns.iter().filter(|t| t.outcome == o).count()
     }
@@ -310,6 +330,7 @@ impl History {
     }
 }
 
+/// Nanoseconds as seconds, for reports.
 pub fn secs(ns: u64) -> f64 {
     ns as f64 / 1e9
 }

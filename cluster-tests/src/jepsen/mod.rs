@@ -34,10 +34,13 @@ use self::cluster::FaultyCluster;
 use self::history::History;
 use self::nemesis::Step;
 
+/// One Jepsen-style run: clients, schedule and checkpoint settings.
 pub struct Config {
+    /// Concurrent list-append clients.
     pub clients: u64,
     /// Seeds the clients' transactions (the schedule has its own seeds).
     pub seed: u64,
+    /// The faults to inject, in order.
     pub schedule: Vec<Step>,
     /// The kvstore's `--checkpoint-every`: small, so checkpoints and log compaction happen
     /// under faults too.
@@ -49,6 +52,8 @@ pub struct Config {
 }
 
 impl Config {
+    /// A run of `schedule` with the default settings: 6 clients, a checkpoint every 300
+    /// commits, 20 commits of progress after each heal.
     pub fn new(seed: u64, schedule: Vec<Step>) -> Config {
         Config {
             clients: 6,
@@ -61,8 +66,11 @@ impl Config {
     }
 }
 
+/// What a run produced: its history and both checkers' conclusions.
 pub struct RunResult {
+    /// Every transaction and nemesis event.
     pub history: History,
+    /// What the checkers concluded.
     pub report: Report,
     /// Properties the nemeses check themselves, e.g. the isolated leader acknowledged nothing.
     pub nemesis_failures: Vec<String>,
@@ -78,6 +86,7 @@ impl RunResult {
         s
     }
 
+    /// Whether the checkers and the nemeses' own checks all passed.
     pub fn valid(&self) -> bool {
         self.report.valid() && self.nemesis_failures.is_empty()
     }

@@ -20,11 +20,16 @@ use std::time::{Duration, Instant};
 use super::cluster::FaultyCluster;
 use super::proxy::Mode;
 
+/// A kind of fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Nemesis {
+    /// kill -9 the kvstore; restart it at the heal.
     KillKvstore,
+    /// kill -9 the sequencer; restart it at the heal.
     KillSequencer,
+    /// kill -9 the log leader; restart it at the heal.
     KillLeader,
+    /// kill -9 one log follower; restart it at the heal.
     KillFollower,
     /// Cut the log leader off from both other replicas, both ways (refused or blackholed).
     PartitionLeader(Mode),
@@ -66,6 +71,7 @@ impl fmt::Display for Nemesis {
 /// One step of a schedule.
 #[derive(Clone, Copy, Debug)]
 pub struct Step {
+    /// The fault to inject.
     pub nemesis: Nemesis,
     /// How long the fault lasts before it is healed.
     pub hold: Duration,
@@ -131,15 +137,25 @@ pub fn random(seed: u64, total: Duration) -> Vec<Step> {
 
 /// A fault in force, with what healing it needs.
 pub enum Active {
+    /// Every process was killed.
     Everything,
+    /// The kvstore was killed.
     Kvstore,
+    /// The sequencer was killed.
     Sequencer,
+    /// Replica `i` was killed.
     Replica(usize),
+    /// The log leader is cut off from the other replicas.
     Partition {
+        /// The isolated leader's index.
         old: usize,
+        /// An `APPEND` sent to the isolated leader: when and what it answered (it must not answer
+        /// `OK` before the heal).
         probe: tokio::task::JoinHandle<(Instant, Result<Response, String>)>,
+        /// The probe's payload, which the log must hold at the index the probe was acknowledged at.
         payload: String,
     },
+    /// Every link is delayed.
     Slow,
 }
 

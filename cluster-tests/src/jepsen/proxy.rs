@@ -61,6 +61,7 @@ impl Shared {
 /// A proxy listening on `addr` and forwarding to its target. Dropping it stops it and closes
 /// its connections.
 pub struct Proxy {
+    /// Where clients of the proxied link connect.
     pub addr: SocketAddr,
     shared: Arc<Shared>,
 }
@@ -84,10 +85,12 @@ impl Proxy {
         Proxy { addr, shared }
     }
 
+    /// The link's name, for events and reports.
     pub fn name(&self) -> &str {
         &self.shared.name
     }
 
+    /// What the proxy does with traffic now.
     pub fn mode(&self) -> Mode {
         self.shared.mode()
     }
@@ -109,6 +112,7 @@ impl Proxy {
             .store(delay.as_micros() as u64, Ordering::SeqCst);
     }
 
+    /// The one-way latency added now.
     pub fn delay(&self) -> Duration {
         Duration::from_micros(self.shared.delay_us.load(Ordering::SeqCst))
     }

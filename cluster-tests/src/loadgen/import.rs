@@ -51,11 +51,17 @@ fn csv_fields(line: &str) -> Vec<String> {
 /// One test of `redis-benchmark --csv`: requests/s and latency percentiles in µs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RedisFigures {
+    /// The benchmark's test name, e.g. `SET`.
     pub test: String,
+    /// Requests per second.
     pub rps: f64,
+    /// Median latency, µs.
     pub p50_us: u64,
+    /// 95th percentile latency, µs.
     pub p95_us: u64,
+    /// 99th percentile latency, µs.
     pub p99_us: u64,
+    /// Slowest request, µs.
     pub max_us: u64,
 }
 

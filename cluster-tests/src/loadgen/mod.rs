@@ -45,12 +45,16 @@ pub fn abort_rate(ops: u64, aborts: u64) -> f64 {
     }
 }
 
+/// The system a run drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Target {
+    /// dtkv's kvstore over DKSP.
     Dtkv,
+    /// etcd through its v3 HTTP/JSON gateway.
     Etcd,
 }
 
+/// What each client does in its loop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Workload {
     /// Autocommit PUT.
@@ -63,13 +67,17 @@ pub enum Workload {
     Rmw,
 }
 
+/// How keys are drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Dist {
+    /// Every key with equal odds.
     Uniform,
+    /// Zipfian over the key count: a few hot keys take most operations.
     Zipfian,
 }
 
 impl Workload {
+    /// The workload's name in tables, e.g. `put` or `rmw4` (with `rmw_ops` operations).
     pub fn name(self, rmw_ops: usize) -> String {
         match self {
             Workload::Put => "put".into(),
@@ -81,6 +89,7 @@ impl Workload {
 }
 
 impl Dist {
+    /// The distribution's name in tables.
     pub fn name(self) -> &'static str {
         match self {
             Dist::Uniform => "uniform",
@@ -92,47 +101,75 @@ impl Dist {
 /// When a run stops: after a time, or after a number of operations (transactions) in total.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Limit {
+    /// Stop after this long.
     Time(Duration),
+    /// Stop after this many operations (transactions) over all clients.
     Ops(u64),
 }
 
 /// Everything that defines one run.
 #[derive(Clone, Debug)]
 pub struct Spec {
+    /// The system to drive.
     pub target: Target,
     /// Clients are spread over these round-robin (etcd: one per member).
     pub addrs: Vec<String>,
+    /// What each client does.
     pub workload: Workload,
+    /// Client connections, each a closed loop.
     pub clients: usize,
+    /// Autocommit requests each client keeps in flight (transactions always have one).
     pub depth: usize,
+    /// When the run stops.
     pub limit: Limit,
+    /// Keys drawn from.
     pub keys: u64,
+    /// How keys are drawn.
     pub dist: Dist,
+    /// The zipfian exponent (unused with a uniform distribution).
     pub zipf_s: f64,
+    /// Bytes per value written.
     pub value_size: usize,
+    /// Operations per read-modify-write transaction.
     pub rmw_ops: usize,
+    /// Print a progress line while running.
     pub progress: bool,
 }
 
 /// One line of a results table, from our own runs or imported from another tool.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
+    /// The system measured, e.g. `dtkv`, `etcd`, `redis`.
     pub system: String,
+    /// The workload's name ([`Workload::name`], or the imported tool's test name).
     pub workload: String,
+    /// The key distribution's name.
     pub dist: String,
+    /// Client connections.
     pub clients: usize,
+    /// Requests each client kept in flight.
     pub depth: usize,
+    /// Keys drawn from.
     pub keys: u64,
+    /// Bytes per value.
     pub value_size: usize,
+    /// How long the run took.
     pub seconds: f64,
     /// Completed operations, or committed transactions.
     pub ops: u64,
+    /// Transactions aborted (conflicts).
     pub aborts: u64,
+    /// Operations that failed (`ERR`, a broken connection).
     pub errors: u64,
+    /// Throughput: `ops / seconds`.
     pub per_sec: f64,
+    /// Median latency, µs.
     pub p50_us: u64,
+    /// 95th percentile latency, µs.
     pub p95_us: u64,
+    /// 99th percentile latency, µs.
     pub p99_us: u64,
+    /// Slowest operation, µs.
     pub max_us: u64,
     /// How this system's row differs from the others (a tool's limitation, a substitute).
     #[serde(default)]
@@ -154,6 +191,7 @@ impl Row {
         )
     }
 
+    /// Aborted transactions as a fraction of those tried (0 when none were).
     pub fn abort_rate(&self) -> f64 {
         abort_rate(self.ops, self.aborts)
     }
@@ -162,12 +200,16 @@ impl Row {
 /// A results file: `bench/results/<date>.json`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Results {
+    /// The day the results were taken (the file's name).
     pub date: String,
+    /// The machine they were taken on ([`machine`]).
     pub machine: String,
+    /// Every row, of every system.
     pub rows: Vec<Row>,
 }
 
 impl Results {
+    /// Reads a results file.
     pub fn load(path: &Path) -> anyhow::Result<Results> {
         let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
@@ -190,7 +232,7 @@ impl Results {
     }
 }
 
-/// "2 cores of <cpu model>, 23 GiB, Linux <release>", from /proc (empty parts left out).
+/// `2 cores of <cpu model>, 23 GiB, Linux <release>`, from /proc (empty parts left out).
 pub fn machine() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cores = cpuinfo
@@ -253,6 +295,7 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
 pub struct Zipf(Vec<f64>);
 
 impl Zipf {
+    /// A sampler over `n` keys with exponent `s`.
     pub fn new(n: u64, s: f64) -> Zipf {
         let mut cdf = Vec::with_capacity(n as usize);
         let mut sum = 0.0;
@@ -264,12 +307,14 @@ impl Zipf {
         Zipf(cdf)
     }
 
+    /// A key, rank 0 the hottest.
     pub fn sample(&self, rng: &mut impl Rng) -> u64 {
         let u: f64 = rng.gen();
         self.0.partition_point(|&c| c < u).min(self.0.len() - 1) as u64
     }
 }
 
+/// The name of key `k`: `key` and seven digits.
 pub fn key_name(k: u64) -> String {
     format!("key{k:07}")
 }

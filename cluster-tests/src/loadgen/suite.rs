@@ -5,9 +5,13 @@ use super::{Dist, Workload};
 /// One experiment of the standard set; every system runs the same list (`dtkv-bench list`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SuiteRow {
+    /// What each client does.
     pub workload: Workload,
+    /// How keys are drawn.
     pub dist: Dist,
+    /// Client connections.
     pub clients: usize,
+    /// Autocommit requests each client keeps in flight.
     pub depth: usize,
 }
 

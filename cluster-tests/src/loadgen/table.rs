@@ -56,16 +56,21 @@ pub fn median(values: &[f64]) -> Option<f64> {
 /// One system's rounds of one experiment, reduced to what the side-by-side table shows.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rounds {
+    /// How many rounds there were.
     pub rounds: usize,
     /// ops/s: the median over rounds, and the slowest and fastest round.
     pub median: f64,
+    /// The slowest round's ops/s.
     pub min: f64,
+    /// The fastest round's ops/s.
     pub max: f64,
     /// The median of the rounds' p99 latencies, µs.
     pub p99_us: f64,
     /// Summed over rounds.
     pub ops: u64,
+    /// Aborted transactions, summed over rounds.
     pub aborts: u64,
+    /// Failed operations, summed over rounds.
     pub errors: u64,
 }
 
@@ -99,6 +104,7 @@ impl Rounds {
         }
     }
 
+    /// Aborted transactions as a fraction of those tried, over all rounds.
     pub fn abort_rate(&self) -> f64 {
         abort_rate(self.ops, self.aborts)
     }

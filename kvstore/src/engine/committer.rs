@@ -49,6 +49,12 @@ use crate::record::Record;
 const MAX_INFLIGHT_BATCHES: usize = 8;
 /// Default of [`super::Config::log_pipeline`].
 pub const DEFAULT_LOG_PIPELINE: usize = 4;
+/// A second (third, ...) entry goes out early, before the reply to the one before, only while
+/// the entries in flight hold fewer commits than this: under a light load that saves a commit
+/// the wait for the round in progress, while under a heavy one (64 clients) the commits keep
+/// gathering into one entry per round, which costs the replicas less per commit. Measured
+/// 2026-12-02 at 64 clients, always sending early cost 5-15% of RMW and PUT throughput.
+const EARLY_COMMITS: usize = 16;
 /// With appends in flight and no reply for this long, the committer tries another replica: a
 /// log leader cut off from its majority keeps appends without ever answering them.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -169,8 +175,11 @@ pub(crate) async fn committer_loop(
             }
             progress = tokio::time::Instant::now();
         }
+        let in_flight_commits: usize = out.inflight.iter().map(|b| b.reqs.len()).sum();
         let can_send = !out.queue.is_empty()
-            && (out.inflight.len() < e.cfg.log_pipeline.max(1)
+            && (out.inflight.is_empty()
+                || (out.inflight.len() < e.cfg.log_pipeline.max(1)
+                    && in_flight_commits < EARLY_COMMITS)
                 || (last_full && out.inflight.len() < MAX_INFLIGHT_BATCHES));
         if can_send {
             if out.inflight.is_empty() {

@@ -40,7 +40,7 @@ pub use crate::lifecycle::{Mode, UNKNOWN_EPOCH};
 pub use committer::DEFAULT_LOG_PIPELINE;
 pub use error::{EngineError, RecoveryError};
 pub use registry::Registry;
-pub use snapshot::{Outcome, Submitted};
+pub use snapshot::{Outcome, Queued, Submitted};
 
 /// How the engine is set up (the kvstore's flags).
 pub struct Config {

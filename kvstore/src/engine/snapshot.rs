@@ -32,6 +32,15 @@ pub enum Submitted {
     Queued(u64, tokio::sync::oneshot::Receiver<Result<(), EngineError>>),
 }
 
+/// A commit handed to the committer.
+#[derive(Debug)]
+pub struct Queued {
+    /// Its commit timestamp.
+    pub ts: u64,
+    /// Says when it is durable (or why it is not).
+    pub durable: tokio::sync::oneshot::Receiver<Result<(), EngineError>>,
+}
+
 /// How a commit ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -111,15 +120,14 @@ impl Engine {
             .scan_page(from, end, s, max_keys, max_bytes)
     }
 
-    /// Commits writes made on the snapshot `start_ts` (first committer wins). `start_ts` None
-    /// is a blind single-statement write: it reads nothing, so its snapshot is its commit
-    /// timestamp, nothing can commit in between, and it never conflicts.
+    /// Commits writes made on the snapshot `start` (first committer wins) and waits until the
+    /// log has made them durable.
     pub async fn commit(
         &self,
-        start_ts: Option<u64>,
+        start: u64,
         writes: Vec<(Bytes, Option<Bytes>)>,
     ) -> Result<Outcome, EngineError> {
-        match self.submit(start_ts, writes).await? {
+        match self.submit_txn(start, writes).await? {
             Submitted::Conflict(key) => Ok(Outcome::Conflict(key)),
             Submitted::Queued(ts, rx) => match rx.await {
                 Ok(Ok(())) => Ok(Outcome::Committed(ts)),
@@ -129,39 +137,66 @@ impl Engine {
         }
     }
 
-    /// The first half of `commit`: decides conflicts, takes the timestamp and queues the
-    /// commit, without waiting for the log. Commits submitted one after another reach the log
-    /// in that order, so a session can pipeline writes and still read them back in order.
-    pub async fn submit(
+    /// The first half of `commit`: decides conflicts against the snapshot `start`, takes the
+    /// timestamp and queues the commit, without waiting for the log. Commits submitted one
+    /// after another reach the log in that order, so a session can pipeline writes and still
+    /// read them back in order.
+    pub async fn submit_txn(
         &self,
-        start_ts: Option<u64>,
+        start: u64,
         writes: Vec<(Bytes, Option<Bytes>)>,
     ) -> Result<Submitted, EngineError> {
         self.check_serving()?;
         let keys: Vec<Bytes> = writes.iter().map(|(k, _)| k.clone()).collect();
         let decided = self
             .with_ts(|t, ts| {
-                if let Some(start) = start_ts {
-                    if let Some(k) = keys.iter().find(|k| t.racing(start, k)) {
-                        return Err(k.clone());
-                    }
-                    let store = self.store.read().unwrap_or_else(|p| p.into_inner());
-                    if let Some(k) = keys
-                        .iter()
-                        .find(|k| store.latest_ts(k).is_some_and(|c| c > start))
-                    {
-                        return Err(k.clone());
-                    }
+                if let Some(k) = keys.iter().find(|k| t.racing(start, k)) {
+                    return Err(k.clone());
+                }
+                let store = self.store.read().unwrap_or_else(|p| p.into_inner());
+                if let Some(k) = keys
+                    .iter()
+                    .find(|k| store.latest_ts(k).is_some_and(|c| c > start))
+                {
+                    return Err(k.clone());
                 }
                 t.register(ts, keys.clone());
                 Ok(ts)
             })
             .await?;
         // A conflict wastes one timestamp of the local block; nothing else saw it.
-        let ts = match decided {
-            Ok(ts) => ts,
-            Err(key) => return Ok(Submitted::Conflict(key)),
-        };
+        match decided {
+            Ok(ts) => {
+                let q = self.enqueue(ts, writes).await?;
+                Ok(Submitted::Queued(q.ts, q.durable))
+            }
+            Err(key) => Ok(Submitted::Conflict(key)),
+        }
+    }
+
+    /// Queues a blind write (an autocommit `PUT`/`DEL`): it reads nothing, so its snapshot is
+    /// its commit timestamp, nothing can commit in between, and it cannot conflict.
+    pub async fn submit_blind(
+        &self,
+        writes: Vec<(Bytes, Option<Bytes>)>,
+    ) -> Result<Queued, EngineError> {
+        self.check_serving()?;
+        let keys: Vec<Bytes> = writes.iter().map(|(k, _)| k.clone()).collect();
+        let ts = self
+            .with_ts(|t, ts| {
+                t.register(ts, keys.clone());
+                ts
+            })
+            .await?;
+        self.enqueue(ts, writes).await
+    }
+
+    /// Hands the commit at `ts` (registered in flight) to the committer.
+    async fn enqueue(
+        &self,
+        ts: u64,
+        writes: Vec<(Bytes, Option<Bytes>)>,
+    ) -> Result<Queued, EngineError> {
         // `--trace-hops`: decided here, before the committer can see the commit.
         hops::sample(ts);
         let record = Record::Commit {
@@ -174,7 +209,7 @@ impl Engine {
         // The committer's queue is bounded; when it is full (the log has been down for a while)
         // this waits, but not past the commit's deadline. Nothing was queued then.
         match tokio::time::timeout_at(deadline, self.committer.send(req)).await {
-            Ok(Ok(())) => Ok(Submitted::Queued(ts, rx)),
+            Ok(Ok(())) => Ok(Queued { ts, durable: rx }),
             Ok(Err(_)) => {
                 self.resolve(&[ts]);
                 Err(EngineError::Unavailable("committer stopped".into()))

@@ -6,11 +6,11 @@
 //! self-describing, which is fine here: both ends are the same binary version, and every
 //! openraft type on the wire round-trips (tested).
 //!
-//! - [`client`]: [`PeerClient`], what openraft calls to reach one peer. Appends go through the
+//! - `client`: [`PeerClient`], what openraft calls to reach one peer. Appends go through the
 //!   peer's [`crate::pipeline::Pipeline`] (several in flight, new entries sent as the log store
 //!   writes them); heartbeats on a connection of their own; votes and snapshot chunks one
 //!   exchange per call.
-//! - [`serve`]: the other side, which hands a connection's requests to Raft in order and
+//! - [`serve()`]: the other side, which hands a connection's requests to Raft in order and
 //!   merges appends that queued up behind a flush into one.
 //!
 //! **Frame cap.** Both ends refuse a frame longer than [`NetConfig::max_frame`] from its length
@@ -59,7 +59,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 pub const DEFAULT_APPEND_BYTES: usize = 1024 * 1024;
 
 /// Default slowest transfer rate assumed for an exchange's deadline, bytes/s
-/// (`--raft-min-rate`). A 12 MiB entry then gets 1.5 s beyond [`EXCHANGE_BASE`]: far more than
+/// (`--raft-min-rate`). A 12 MiB entry then gets 1.5 s beyond `EXCHANGE_BASE`: far more than
 /// loopback or a LAN needs with a follower's fdatasync, short enough that a peer that stopped
 /// reading is given up on and redialled within a couple of seconds.
 pub const DEFAULT_MIN_RATE: u64 = 8 * 1024 * 1024;
@@ -138,8 +138,11 @@ pub(crate) fn entry_bytes(e: &Entry) -> usize {
 /// `Result`.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum RaftRpc {
+    /// Entries to append, or a heartbeat (no entries).
     Append(AppendEntriesRequest<TypeConfig>),
+    /// A candidate's request for this replica's vote.
     Vote(VoteRequest<NodeId>),
+    /// One chunk of a snapshot for a replica that must catch up from one.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
 }
 
@@ -157,6 +160,7 @@ pub struct Network {
     /// fault-injection tests put a proxy on every replica-to-replica link, so each replica
     /// must dial its own proxy for a peer while the membership keeps the peer's real address.
     pub routes: std::collections::BTreeMap<NodeId, String>,
+    /// The limits every peer client gets.
     pub config: NetConfig,
     /// The local log store's appends, which the leader's pipelines send on at once.
     pub feed: Option<Feed>,

@@ -122,6 +122,7 @@ pub struct State {
     pub vote: Option<Vote>,
     /// The follower holds the leader's log up to here (it answered `Success`), under `vote`.
     pub acked: Option<LogId>,
+    /// Why the pipeline last started over (with `generation`), if it ever did.
     pub fault: Option<Fault>,
 }
 
@@ -151,6 +152,7 @@ impl Drop for Pipeline {
 /// Settings of one follower's pipeline.
 #[derive(Clone, Debug)]
 pub struct PipeConfig {
+    /// The Raft network's limits (append budget, rate, frame cap).
     pub net: NetConfig,
     /// Requests in flight at most (at least 1).
     pub depth: usize,

@@ -9,19 +9,26 @@ use super::Anomaly;
 
 /// What a run's checks concluded, printed at the end of every run.
 pub struct Report {
+    /// Transactions in the history.
     pub txns: usize,
+    /// Of those, committed.
     pub ok: usize,
+    /// Of those, known not to have committed.
     pub fail: usize,
+    /// Of those, indeterminate (the client never learned the outcome).
     pub info: usize,
+    /// What dtkv's own checker found.
     pub anomalies: Vec<Anomaly>,
     /// What `adya` said, one line per model checked.
     pub adya: Vec<String>,
     /// Whether `adya` found a violation of the model dtkv promises.
     pub adya_failed: bool,
+    /// The nemesis events, with their times.
     pub events: Vec<String>,
 }
 
 impl Report {
+    /// The report of `h` with the checker's `anomalies`, before `adya` is asked.
     pub fn new(h: &History, anomalies: Vec<Anomaly>) -> Report {
         Report {
             txns: h.txns.len(),
@@ -39,6 +46,7 @@ impl Report {
         }
     }
 
+    /// Whether neither checker found a violation.
     pub fn valid(&self) -> bool {
         self.anomalies.is_empty() && !self.adya_failed
     }
