@@ -122,7 +122,7 @@ pub enum RecordError {
     TooShort,
     /// A timestamp or epoch that is not a number.
     #[error("{0}")]
-    BadNumber(String),
+    BadNumber(protocol::response::NumberError),
     /// A `COMMIT` whose writes do not parse, at this argument.
     #[error("bad write at argument {0}")]
     BadWrite(usize),

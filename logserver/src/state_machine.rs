@@ -30,7 +30,7 @@ use crate::types::{
     StoredMembership, TypeConfig,
 };
 use protocol::hops::{self, Hop};
-use protocol::record::{replace_file, Format};
+use protocol::record::{replace_file, Format, RecordError};
 
 mod staging;
 
@@ -158,7 +158,8 @@ impl StateMachine {
             Ok(bytes) => {
                 let stored = decode_snapshot_file(&bytes).map_err(|why| {
                     io::Error::other(format!(
-                        "{}: {why}; move it away to rebuild this replica from the others",
+                        "{}: snapshot file: {why}; move it away to rebuild this replica from the \
+                         others",
                         dir.join("snapshot").display()
                     ))
                 })?;
@@ -387,11 +388,14 @@ fn encode_snapshot_file(stored: &StoredSnapshot) -> Result<Vec<u8>, io::Error> {
     SNAPSHOT_FILE.encode(stored).map_err(io_err)
 }
 
-fn decode_snapshot_file(bytes: &[u8]) -> Result<StoredSnapshot, String> {
+/// The snapshot in a snapshot file's bytes. Whether a bad record reaches the end does not
+/// matter here (the file is one record, replaced atomically): any error means the file is
+/// damaged, so only what was wrong is returned.
+fn decode_snapshot_file(bytes: &[u8]) -> Result<StoredSnapshot, RecordError> {
     SNAPSHOT_FILE
         .decode(bytes)
         .map(|(stored, _)| stored)
-        .map_err(|bad| format!("snapshot file: {}", bad.error))
+        .map_err(|bad| bad.error)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {

@@ -76,7 +76,9 @@ impl Client {
         match self.conn.read_frame().await? {
             None => Err(ClientError::Closed),
             Some(Frame::TooLong) => Err(ClientError::Protocol("reply line too long".into())),
-            Some(Frame::Line(line)) => Response::parse(&line).map_err(ClientError::Protocol),
+            Some(Frame::Line(line)) => {
+                Response::parse(&line).map_err(|e| ClientError::Protocol(e.to_string()))
+            }
         }
     }
 
@@ -149,9 +151,8 @@ impl Client {
     /// `BEGIN`; returns the transaction id (its start timestamp).
     pub async fn begin(&mut self) -> Result<u64> {
         match self.kv(&kv::Request::Begin).await? {
-            Response::Ok(args) if args.len() == 1 => {
-                crate::response::parse_u64(&args[0]).map_err(ClientError::Protocol)
-            }
+            Response::Ok(args) if args.len() == 1 => crate::response::parse_u64(&args[0])
+                .map_err(|e| ClientError::Protocol(e.to_string())),
             r => Err(ClientError::Unexpected(r)),
         }
     }

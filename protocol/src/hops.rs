@@ -107,6 +107,21 @@ impl Hop {
     }
 }
 
+/// Why a `HOPS` reply line is not a mark: the server is another build (other hop names) or
+/// not a DKSP server at all. The reader stops; a breakdown from half the marks would mislead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MarkError {
+    /// Not the four arguments `<hop> <key> <aux> <t_ns>`; holds how many there were.
+    #[error("a HOPS line has 4 arguments, this one {0}")]
+    Arity(usize),
+    /// A hop name this build does not know.
+    #[error("unknown hop {0}")]
+    UnknownHop(String),
+    /// The key, aux or time is not a number.
+    #[error(transparent)]
+    Number(#[from] crate::response::NumberError),
+}
+
 /// One recorded mark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
@@ -132,20 +147,14 @@ impl Mark {
     }
 
     /// Parses the arguments of a `HOPS` reply line.
-    pub fn parse(args: &[impl AsRef<[u8]>]) -> Result<Mark, String> {
+    pub fn parse(args: &[impl AsRef<[u8]>]) -> Result<Mark, MarkError> {
         let [hop, key, aux, t] = args else {
-            return Err(format!(
-                "a HOPS line has 4 arguments, this one {}",
-                args.len()
-            ));
+            return Err(MarkError::Arity(args.len()));
         };
         let num = |a: &dyn AsRef<[u8]>| crate::response::parse_u64(a.as_ref());
         Ok(Mark {
             hop: Hop::parse(hop.as_ref()).ok_or_else(|| {
-                format!(
-                    "unknown hop {}",
-                    String::from_utf8_lossy(hop.as_ref()).into_owned()
-                )
+                MarkError::UnknownHop(String::from_utf8_lossy(hop.as_ref()).into_owned())
             })?,
             key: num(key)?,
             aux: num(aux)?,
@@ -397,8 +406,18 @@ mod tests {
         assert_eq!((m[0].hop, m[0].key, m[0].aux), (Hop::KvSend, 42, 1));
         let line = m[0].args();
         assert_eq!(Mark::parse(&line), Ok(m[0]));
-        assert!(Mark::parse(&["nope", "1", "2", "3"]).is_err());
-        assert!(Mark::parse(&["kv_send", "1", "2"]).is_err());
+        assert_eq!(
+            Mark::parse(&["nope", "1", "2", "3"]),
+            Err(MarkError::UnknownHop("nope".into()))
+        );
+        assert_eq!(
+            Mark::parse(&["kv_send", "1", "2"]),
+            Err(MarkError::Arity(3))
+        );
+        assert!(matches!(
+            Mark::parse(&["kv_send", "1", "x", "3"]),
+            Err(MarkError::Number(_))
+        ));
     }
 
     #[test]

@@ -187,7 +187,7 @@ impl LogClient {
         };
         match self.call_leader(&req.encode()).await? {
             Response::Ok(args) if args.len() == 1 => {
-                parse_u64(&args[0]).map_err(ClientError::Protocol)
+                parse_u64(&args[0]).map_err(|e| ClientError::Protocol(e.to_string()))
             }
             Response::Err(e) => Err(ClientError::Server(e)),
             r => Err(ClientError::Unexpected(r)),

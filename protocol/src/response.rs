@@ -238,31 +238,31 @@ impl Response {
     }
 
     /// Parses one response line (without its terminator).
-    pub fn parse(line: &[u8]) -> Result<Response, String> {
+    pub fn parse(line: &[u8]) -> Result<Response, ParseError> {
         if let Some(rest) = line.strip_prefix(b"ERR ") {
             let (code, message) = match rest.iter().position(|&b| b == b' ') {
                 Some(p) => (&rest[..p], &rest[p + 1..]),
                 None => (rest, &b""[..]),
             };
             let code = ErrorCode::parse(code)
-                .ok_or_else(|| format!("unknown error code {}", token::display(code)))?;
+                .ok_or_else(|| ParseError::UnknownErrorCode(token::display(code)))?;
             return Ok(Response::err(
                 code,
                 String::from_utf8_lossy(message).into_owned(),
             ));
         }
-        let mut args = token::split(line).map_err(|e| e.0)?.into_iter();
-        let verb = args.next().ok_or("empty response line")?;
+        let mut args = token::split(line)?.into_iter();
+        let verb = args.next().ok_or(ParseError::Empty)?;
         let rest: Vec<Bytes> = args.collect();
-        let want = |n: usize| -> Result<(), String> {
+        let want = |n: usize| -> Result<(), ParseError> {
             if rest.len() == n {
                 Ok(())
             } else {
-                Err(format!(
-                    "{} takes {n} arguments, got {}",
-                    String::from_utf8_lossy(&verb),
-                    rest.len()
-                ))
+                Err(ParseError::Arity {
+                    verb: String::from_utf8_lossy(&verb).into_owned(),
+                    want: n,
+                    got: rest.len(),
+                })
             }
         };
         Ok(match &verb[..] {
@@ -311,18 +311,114 @@ impl Response {
                 want(1)?;
                 Response::Redirect(String::from_utf8_lossy(&rest[0]).into_owned())
             }
-            other => return Err(format!("unknown response {}", token::display(other))),
+            other => return Err(ParseError::UnknownVerb(token::display(other))),
         })
     }
 }
 
+/// Why a response line did not parse. A client treats every kind alike (the peer does not speak
+/// DKSP as this build knows it: drop the connection); the kinds say what to look for in a log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// `ERR` with a code this build does not know (shown quoted as needed).
+    #[error("unknown error code {0}")]
+    UnknownErrorCode(String),
+    /// The line does not split into arguments (bad quoting).
+    #[error(transparent)]
+    Token(#[from] token::TokenError),
+    /// A blank line.
+    #[error("empty response line")]
+    Empty,
+    /// A known reply with the wrong number of arguments.
+    #[error("{verb} takes {want} arguments, got {got}")]
+    Arity {
+        /// The reply's first word.
+        verb: String,
+        /// How many arguments it takes.
+        want: usize,
+        /// How many the line had.
+        got: usize,
+    },
+    /// An argument that must be a number is not one.
+    #[error(transparent)]
+    Number(#[from] NumberError),
+    /// A first word that is no reply this build knows (shown quoted as needed).
+    #[error("unknown response {0}")]
+    UnknownVerb(String),
+}
+
+/// Why an argument is not a strict decimal u64. The strings are the argument as
+/// [`token::display`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NumberError {
+    /// Empty, or something other than ASCII digits (a sign, a space, a letter).
+    #[error("{0} is not a number")]
+    NotANumber(String),
+    /// Digits only, but more than `u64::MAX`.
+    #[error("{0} is out of range")]
+    OutOfRange(String),
+}
+
 /// Strict decimal u64: digits only, no sign, no overflow.
-pub fn parse_u64(arg: &[u8]) -> Result<u64, String> {
+pub fn parse_u64(arg: &[u8]) -> Result<u64, NumberError> {
     if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
-        return Err(format!("{} is not a number", token::display(arg)));
+        return Err(NumberError::NotANumber(token::display(arg)));
     }
     std::str::from_utf8(arg)
         .ok()
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{} is out of range", token::display(arg)))
+        .ok_or_else(|| NumberError::OutOfRange(token::display(arg)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_reply_line_says_what_is_wrong_with_it() {
+        assert_eq!(
+            Response::parse(b"ERR NOPE x"),
+            Err(ParseError::UnknownErrorCode("NOPE".into()))
+        );
+        assert_eq!(Response::parse(b""), Err(ParseError::Empty));
+        assert_eq!(
+            Response::parse(b"PONG 1"),
+            Err(ParseError::Arity {
+                verb: "PONG".into(),
+                want: 0,
+                got: 1
+            })
+        );
+        assert_eq!(
+            Response::parse(b"COMMITTED -1"),
+            Err(ParseError::Number(NumberError::NotANumber("-1".into())))
+        );
+        assert_eq!(
+            Response::parse(b"HELLO"),
+            Err(ParseError::UnknownVerb("HELLO".into()))
+        );
+        assert!(matches!(
+            Response::parse(b"OK \"unterminated"),
+            Err(ParseError::Token(_))
+        ));
+        // The messages are the ones clients have always logged.
+        assert_eq!(
+            Response::parse(b"PONG 1").unwrap_err().to_string(),
+            "PONG takes 0 arguments, got 1"
+        );
+    }
+
+    #[test]
+    fn a_number_is_digits_only_and_fits_a_u64() {
+        assert_eq!(parse_u64(b"18446744073709551615"), Ok(u64::MAX));
+        assert_eq!(
+            parse_u64(b"18446744073709551616"),
+            Err(NumberError::OutOfRange("18446744073709551616".into()))
+        );
+        assert_eq!(parse_u64(b""), Err(NumberError::NotANumber("\"\"".into())));
+        assert_eq!(
+            parse_u64(b"+1").unwrap_err().to_string(),
+            "+1 is not a number"
+        );
+    }
 }

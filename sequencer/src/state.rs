@@ -36,8 +36,23 @@ pub enum StateError {
         /// The state file.
         path: PathBuf,
         /// What is wrong with its contents.
-        why: String,
+        why: DecodeError,
     },
+}
+
+/// Why a state file's bytes are not a valid mark. Every kind means the same to the sequencer
+/// (the mark is unknown: refuse to start); they differ in what an operator looks for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not the 20 bytes of the format: a torn write of a first file, or another file.
+    #[error("{0} bytes, expected {LEN}")]
+    Length(usize),
+    /// The first 8 bytes are not `DTKVSEQ1`: not a state file.
+    #[error("bad magic")]
+    Magic,
+    /// The CRC32C does not match: the file was damaged on disk.
+    #[error("checksum mismatch")]
+    Checksum,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
@@ -100,17 +115,17 @@ pub fn encode(mark: u64) -> [u8; LEN] {
 }
 
 /// The mark in a file's bytes, or why they are not a valid state file.
-pub fn decode(bytes: &[u8]) -> Result<u64, String> {
+pub fn decode(bytes: &[u8]) -> Result<u64, DecodeError> {
     if bytes.len() != LEN {
-        return Err(format!("{} bytes, expected {LEN}", bytes.len()));
+        return Err(DecodeError::Length(bytes.len()));
     }
     if &bytes[..8] != MAGIC {
-        return Err("bad magic".into());
+        return Err(DecodeError::Magic);
     }
     let mut crc = [0u8; 4];
     crc.copy_from_slice(&bytes[16..]);
     if crc32c::crc32c(&bytes[..16]) != u32::from_le_bytes(crc) {
-        return Err("checksum mismatch".into());
+        return Err(DecodeError::Checksum);
     }
     let mut mark = [0u8; 8];
     mark.copy_from_slice(&bytes[8..16]);
@@ -143,6 +158,18 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_file_says_which_part_is_wrong() {
+        let good = encode(7);
+        let mut magic = good;
+        magic[0] ^= 1;
+        assert_eq!(decode(&magic), Err(DecodeError::Magic));
+        let mut mark = good;
+        mark[9] ^= 1;
+        assert_eq!(decode(&mark), Err(DecodeError::Checksum));
+        assert_eq!(decode(&good[..3]), Err(DecodeError::Length(3)));
+    }
+
+    #[test]
     fn torn_or_corrupt_file_refuses_to_load() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateFile::open(dir.path()).unwrap();
@@ -152,7 +179,7 @@ mod tests {
             fs::write(s.path(), &full[..cut]).unwrap();
             let err = s.load().unwrap_err();
             assert!(
-                matches!(err, StateError::Corrupt { .. }),
+                matches!(err, StateError::Corrupt { why: DecodeError::Length(n), .. } if n == cut),
                 "cut at {cut}: {err}"
             );
         }

@@ -15,7 +15,7 @@ use protocol::hops::{self, Hop};
 /// Counts of `append` calls and of those flushed, for the DKSP batcher: openraft 0.9's core
 /// waits for each append's fdatasync before it takes the next, so an entry proposed while one
 /// is being flushed gains nothing by going early; waiting lets it gather more (see
-/// `server::run_batcher`). A performance hint only: nothing depends on it for correctness.
+/// `server::batcher::run_batcher`). A performance hint only: nothing depends on it for correctness.
 #[derive(Default)]
 pub struct FlushGate {
     pub(super) appends: std::sync::atomic::AtomicU64,

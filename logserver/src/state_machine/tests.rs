@@ -88,3 +88,39 @@ fn staged_chunks_are_stored_in_snapshots_exactly_as_the_old_contiguous_bytes() {
     assert_eq!(back.id, 7);
     assert_eq!(&back.data.join()[..], b"hello checkpoint world");
 }
+
+#[test]
+fn a_damaged_snapshot_file_refuses_to_open_and_says_what_is_wrong() {
+    let stored = StoredSnapshot {
+        meta: SnapshotMeta {
+            last_log_id: None,
+            last_membership: StoredMembership::default(),
+            snapshot_id: "--0".into(),
+        },
+        data: Bytes::from(postcard::to_stdvec(&SmData::default()).unwrap()),
+    };
+    let good = encode_snapshot_file(&stored).unwrap();
+    assert!(decode_snapshot_file(&good).is_ok());
+    assert!(matches!(
+        decode_snapshot_file(&good[..good.len() - 1]),
+        Err(RecordError::Truncated { .. })
+    ));
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    assert_eq!(
+        decode_snapshot_file(&flipped).err(),
+        Some(RecordError::Checksum)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("snapshot"), &flipped).unwrap();
+    let err = StateMachine::open(dir.path())
+        .err()
+        .expect("a damaged snapshot must not open");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("snapshot file: checksum mismatch") && msg.contains("move it away"),
+        "{msg}"
+    );
+}
