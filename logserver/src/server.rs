@@ -411,18 +411,13 @@ async fn tail(
 }
 
 /// Parses `--peers 1=raft/dksp,2=raft/dksp,...`.
-pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, Node>, String> {
+pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, Node>, PeersError> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
-        let (id, addrs) = part
-            .split_once('=')
-            .ok_or_else(|| format!("peer {part:?} is not id=raft_addr/dksp_addr"))?;
-        let (raft_addr, dksp_addr) = addrs
-            .split_once('/')
-            .ok_or_else(|| format!("peer {part:?} is not id=raft_addr/dksp_addr"))?;
-        let id: NodeId = id
-            .parse()
-            .map_err(|_| format!("peer id {id:?} is not a number"))?;
+        let shape = || PeersError::Shape(part.to_string());
+        let (id, addrs) = part.split_once('=').ok_or_else(shape)?;
+        let (raft_addr, dksp_addr) = addrs.split_once('/').ok_or_else(shape)?;
+        let id: NodeId = id.parse().map_err(|_| PeersError::Id(id.to_string()))?;
         peers.insert(
             id,
             Node {
@@ -432,4 +427,15 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<NodeId, Node>, String> {
         );
     }
     Ok(peers)
+}
+
+/// Why a `--peers` list (or `ADD_REPLICA`'s addresses) could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum PeersError {
+    /// An entry is not `id=raft_addr/dksp_addr`.
+    #[error("peer {0:?} is not id=raft_addr/dksp_addr")]
+    Shape(String),
+    /// An entry's id is not a number.
+    #[error("peer id {0:?} is not a number")]
+    Id(String),
 }
