@@ -12,8 +12,8 @@
 //! leader's fdatasync overlapping the replication).
 //!
 //! All times are `CLOCK_MONOTONIC` (one clock for every process on the host). A segment whose
-//! marks are missing (a hop not recorded, such as the leader's AppendEntries send and ack when
-//! `logserver/src/network.rs` does not mark them) is shown as `-`.
+//! marks are missing (a hop not recorded, such as the replication marks of a logserver from before
+//! `logserver/src/pipeline/` recorded them) is shown as `-`.
 //!
 //! Files: this one runs the loads and prints the table; [`segments`] joins the marks into
 //! segment durations (pure, unit-tested in `tests.rs`); [`floor`] measures the floor.
@@ -280,7 +280,7 @@ pub fn table(levels: &[Level]) -> String {
         .map(|l| format!("{} clients: {}", l.clients, l.note))
         .collect();
     out += "\nRows marked * need the replication layer's `raft_send`/`raft_ack` (leader) and `raft_recv` \
-            (follower) marks (logserver/src/network.rs); \
+            (follower) marks (logserver/src/pipeline/, network/serve.rs); \
             `-` where they are not recorded. Rows 4-5 run alongside rows 6-12.\n";
     for n in notes {
         out += &format!("\nNote: {n}.\n");

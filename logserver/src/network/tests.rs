@@ -353,6 +353,13 @@ async fn a_peer_closing_mid_call_is_a_network_error_and_the_next_call_redials() 
     assert_eq!(r.vote, Vote::new(2, 1));
 }
 
+/// Sends a stand-in follower's answer to one append.
+async fn answer(conn: &mut Conn, resp: AppendEntriesResponse<NodeId>) -> io::Result<()> {
+    let reply: AppendReply = Ok(resp);
+    let bytes = postcard::to_stdvec(&reply).expect("encode");
+    conn.send(Bytes::from(bytes)).await
+}
+
 /// A stand-in follower that answers every append with `Success`, recording the number of
 /// entries each carried; the first append with entries is answered after `delay`.
 async fn recording_follower(
@@ -378,9 +385,10 @@ async fn recording_follower(
                 {
                     tokio::time::sleep(delay).await;
                 }
-                let reply: AppendReply = Ok(AppendEntriesResponse::Success);
-                let bytes = postcard::to_stdvec(&reply).expect("encode");
-                if conn.send(Bytes::from(bytes)).await.is_err() {
+                if answer(&mut conn, AppendEntriesResponse::Success)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
@@ -558,16 +566,15 @@ async fn holding_follower(
         read += 1;
         if read == hold {
             for _ in 0..hold {
-                let reply: AppendReply = Ok(AppendEntriesResponse::Success);
-                let bytes = postcard::to_stdvec(&reply).expect("encode");
-                if conn.send(Bytes::from(bytes)).await.is_err() {
+                if answer(&mut conn, AppendEntriesResponse::Success)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }
         } else if read > hold {
-            let reply: AppendReply = Ok(AppendEntriesResponse::Success);
-            let bytes = postcard::to_stdvec(&reply).expect("encode");
-            let _ = conn.send(Bytes::from(bytes)).await;
+            let _ = answer(&mut conn, AppendEntriesResponse::Success).await;
         }
     }
 }
@@ -594,15 +601,88 @@ async fn several_appends_are_in_flight_to_one_follower_at_once() {
     replicate(&mut client, req).await;
 }
 
+#[tokio::test]
+async fn with_a_depth_of_one_the_next_append_waits_for_the_reply_to_the_one_before() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // Answers nothing before it has two requests: a depth-1 pipeline never sends two.
+    tokio::spawn(holding_follower(listener, 2, seen.clone()));
+    let feed = Feed::default();
+    let config = NetConfig {
+        pipeline_depth: 1,
+        ..NetConfig::default()
+    };
+    let mut client = PeerClient::new(2, addr, config);
+    client.feed = Some(feed.clone());
+    let short = || RPCOption::new(Duration::from_millis(50));
+    assert!(client
+        .append_entries(big_append(10), short())
+        .await
+        .is_err());
+    feed.publish(entries(13, 13));
+    // The entry waits in `pending`: another call still finds one request out, unanswered.
+    let mut req = big_append(10);
+    req.entries.extend(entries(13, 13));
+    assert!(client.append_entries(req, short()).await.is_err());
+    assert_eq!(seen_requests(&seen, 1).await, vec![3]);
+}
+
+/// A follower whose first connection reads and never answers; later ones answer `Success`.
+async fn mute_then_answering_follower(
+    listener: TcpListener,
+    seen: Arc<std::sync::Mutex<Vec<usize>>>,
+) {
+    let mut first = true;
+    while let Ok((stream, _)) = listener.accept().await {
+        let (mute, seen) = (first, seen.clone());
+        first = false;
+        tokio::spawn(async move {
+            let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+            while let Some(Ok(frame)) = conn.next().await {
+                if let Ok(RaftRpc::Append(req)) = postcard::from_bytes::<RaftRpc>(&frame) {
+                    seen.lock().expect("lock").push(req.entries.len());
+                }
+                if !mute
+                    && answer(&mut conn, AppendEntriesResponse::Success)
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+#[tokio::test]
+async fn an_append_unanswered_by_its_deadline_drops_the_connection_and_goes_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    tokio::spawn(mute_then_answering_follower(listener, seen.clone()));
+    let mut client = PeerClient::new(2, addr, NetConfig::default());
+    // The call waits past the request's deadline (1 s + bytes / rate): the pipeline gives up
+    // on that connection and the call hears of it as a network error, not a conflict.
+    let r = client
+        .append_entries(big_append(10), RPCOption::new(Duration::from_secs(5)))
+        .await;
+    assert!(matches!(r, Err(RPCError::Network(_))), "{r:?}");
+    // openraft asks again: the entries go over a new connection, and are acknowledged.
+    assert_eq!(replicate(&mut client, big_append(10)).await, 1);
+    assert_eq!(seen.lock().expect("lock").clone(), vec![3, 3]);
+}
+
 /// A follower that refuses every append.
 async fn refusing_follower(listener: TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
         tokio::spawn(async move {
             let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
             while let Some(Ok(_)) = conn.next().await {
-                let reply: AppendReply = Ok(AppendEntriesResponse::Conflict);
-                let bytes = postcard::to_stdvec(&reply).expect("encode");
-                if conn.send(Bytes::from(bytes)).await.is_err() {
+                if answer(&mut conn, AppendEntriesResponse::Conflict)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

@@ -249,6 +249,11 @@ fn index(id: Option<LogId>) -> Option<u64> {
 }
 
 impl Actor {
+    /// The last entry handed to this chain: waiting in `pending`, or else on the wire.
+    fn sent(&self) -> Option<LogId> {
+        self.pending.last().map(|e| e.log_id).or(self.wire)
+    }
+
     async fn run(
         mut self,
         mut calls: mpsc::UnboundedReceiver<Append>,
@@ -310,7 +315,7 @@ impl Actor {
         let Some(last) = entries.last().map(|e| e.log_id) else {
             return;
         };
-        let sent = self.pending.last().map(|e| e.log_id).or(self.wire);
+        let sent = self.sent();
         if self.in_step && index(prev) <= index(sent) {
             // Part of it went already (or waits in `pending`): add the rest, if any.
             let upto = index(sent);
@@ -346,7 +351,7 @@ impl Actor {
         let Some(first) = entries.first() else {
             return;
         };
-        let sent = self.pending.last().map(|e| e.log_id).or(self.wire);
+        let sent = self.sent();
         let next = index(sent).map_or(0, |i| i.saturating_add(1));
         if first.log_id.index != next {
             return;
