@@ -34,11 +34,18 @@ pub enum ErrorCode {
     Fenced,
     /// A well-formed request the current state refuses (e.g. a checkpoint chunk out of order).
     Rejected,
+    /// The connection has not authenticated: `AUTH` on the kvstore, the cluster handshake
+    /// (`HELLO`/`CLUSTER`) on the sequencer and logserver. Not retryable as is.
+    NoAuth,
+    /// `AUTH` with an unknown user or a wrong password (one message for both).
+    WrongPass,
+    /// The authenticated user may not do this (a key outside its grants, an admin command).
+    Denied,
 }
 
 impl ErrorCode {
     /// Every code, for parsing and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::Syntax,
         ErrorCode::UnknownCommand,
         ErrorCode::NoTxn,
@@ -50,6 +57,9 @@ impl ErrorCode {
         ErrorCode::NotFound,
         ErrorCode::Fenced,
         ErrorCode::Rejected,
+        ErrorCode::NoAuth,
+        ErrorCode::WrongPass,
+        ErrorCode::Denied,
     ];
 
     /// The code as written on the wire, e.g. `TOO_LARGE`.
@@ -66,7 +76,16 @@ impl ErrorCode {
             ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Fenced => "FENCED",
             ErrorCode::Rejected => "REJECTED",
+            ErrorCode::NoAuth => "NOAUTH",
+            ErrorCode::WrongPass => "WRONGPASS",
+            ErrorCode::Denied => "DENIED",
         }
+    }
+
+    /// Whether the same request may succeed if sent again later: only `UNAVAILABLE`. Every
+    /// other code is a deterministic answer to this request in this state, never retried.
+    pub fn retryable(self) -> bool {
+        self == ErrorCode::Unavailable
     }
 
     /// The code written `s`, if any.

@@ -316,7 +316,12 @@ fn reject_batch(e: &Engine, mut batch: Batch, err: protocol::ServerError, out: &
     );
     let refused_before_appending = matches!(
         err.code,
-        ErrorCode::TooLarge | ErrorCode::Syntax | ErrorCode::UnknownCommand | ErrorCode::Rejected
+        ErrorCode::TooLarge
+            | ErrorCode::Syntax
+            | ErrorCode::UnknownCommand
+            | ErrorCode::Rejected
+            | ErrorCode::NoAuth
+            | ErrorCode::Denied
     );
     for r in batch.reqs.iter_mut() {
         r.answer(Err(match err.code {
