@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use protocol::log::Request as LogRequest;
 use protocol::log_client::Replicas;
+use protocol::trust::Trust;
 use protocol::{Client, ClientError, ErrorCode, Response};
 
 use crate::lifecycle::{Lifecycle, Mode, UNKNOWN_EPOCH};
@@ -41,7 +42,7 @@ const RETRY: Duration = Duration::from_millis(200);
 const RESUBSCRIBE: Duration = Duration::from_secs(10);
 
 /// Follows the log (replicas `addrs`) from index `from` until this kvstore is fenced.
-pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, from: u64) {
+pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, trust: Trust, from: u64) {
     let epoch = e.epoch();
     let mut replicas = Replicas::new(addrs);
     // The committer starts with the first address; start elsewhere when there is an elsewhere.
@@ -53,7 +54,8 @@ pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, from: u64) {
         }
         let addr = replicas.current().to_string();
         cursor = cursor.max(e.applied_index().saturating_add(1));
-        let tailed = tokio::time::timeout(RESUBSCRIBE, tail_once(&addr, epoch, &mut cursor)).await;
+        let tailed =
+            tokio::time::timeout(RESUBSCRIBE, tail_once(&addr, &trust, epoch, &mut cursor)).await;
         match tailed {
             Ok(Ok(Ended::Newer(newer))) => {
                 tracing::error!("fenced: kvstore epoch {newer} took over the log (seen by TAIL)");
@@ -105,8 +107,13 @@ enum TailError {
 }
 
 /// One `TAIL` connection, until a newer epoch or a compaction ends it, or it fails.
-async fn tail_once(addr: &str, epoch: u64, cursor: &mut u64) -> Result<Ended, TailError> {
-    let mut c = tokio::time::timeout(Duration::from_secs(1), Client::connect(addr))
+async fn tail_once(
+    addr: &str,
+    trust: &Trust,
+    epoch: u64,
+    cursor: &mut u64,
+) -> Result<Ended, TailError> {
+    let mut c = tokio::time::timeout(Duration::from_secs(1), Client::connect_trusted(addr, trust))
         .await
         .map_err(|_| TailError::ConnectTimeout)??;
     let tail = LogRequest::Tail {

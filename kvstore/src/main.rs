@@ -85,6 +85,8 @@ struct Args {
     #[arg(long, hide = true)]
     trace_hops: bool,
     #[command(flatten)]
+    trust: protocol::trust::TrustArgs,
+    #[command(flatten)]
     runtime: protocol::server::RuntimeArgs,
 }
 
@@ -117,6 +119,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         !log.is_empty(),
         "--log needs at least one logserver address"
     );
+    let trust = args.trust.load()?;
+    tracing::info!(
+        "the sequencer and the log are dialled with {}; clients connect {}",
+        trust.describe(),
+        if trust.tls.is_some() {
+            "under TLS"
+        } else {
+            "in plain TCP"
+        }
+    );
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -129,6 +141,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         follow_log: !args.no_tail,
         commit_timeout: Duration::from_secs(args.commit_timeout_secs),
         log_pipeline: args.log_pipeline,
+        trust: trust.clone(),
     });
     tracing::info!(
         "kvstore listening on {}; sequencer {}, log {}",
@@ -150,10 +163,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let shutdown = CancellationToken::new();
     let serving_engine = engine.clone();
+    let mut opts = args
+        .conn
+        .options(args.max_line, 1024, 3600.max(args.txn_timeout_secs));
+    // TLS for clients when configured; users authenticate with AUTH, not the cluster gate.
+    opts.trust = trust;
     let serving = tokio::spawn(protocol::server::serve_with(
         listener,
-        args.conn
-            .options(args.max_line, 1024, 3600.max(args.txn_timeout_secs)),
+        opts,
         shutdown.clone(),
         move |conn, token| {
             kvstore::server::handle(conn, serving_engine.clone(), limits.clone(), token)

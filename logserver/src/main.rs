@@ -105,6 +105,8 @@ struct Args {
     trace_hops: bool,
     #[command(flatten)]
     runtime: protocol::server::RuntimeArgs,
+    #[command(flatten)]
+    trust: protocol::trust::TrustArgs,
 }
 
 // As in the kvstore: glibc's malloc was a large share of CPU under write load (many small,
@@ -126,6 +128,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         protocol::hops::enable();
         tracing::info!("--trace-hops: recording per-hop timestamps for HOPS");
     }
+    let trust = args.trust.load()?;
+    tracing::info!("cluster members are trusted by {}", trust.describe());
     let peers = parse_peers(&args.peers).map_err(anyhow::Error::msg)?;
     let routes = parse_routes(&args.raft_route).map_err(anyhow::Error::msg)?;
     let config = openraft::Config {
@@ -162,6 +166,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             args.snapshot_chunk_bytes,
         ),
         pipeline_depth: args.raft_pipeline_depth,
+        trust: trust.clone(),
     };
     let max_frame = net.max_frame;
 
@@ -221,6 +226,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         raft.clone(),
         shutdown.clone(),
         max_frame,
+        trust.clone(),
     ));
 
     if args.init {
@@ -253,9 +259,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         raft_addr,
         args.data_dir.display()
     );
+    let mut opts = args.conn.options(args.max_line, 256, 0);
+    opts.trust = trust;
+    opts.port = protocol::server::Port::Cluster { status_open: true };
     let serving = tokio::spawn(protocol::server::serve_with(
         dksp,
-        args.conn.options(args.max_line, 256, 0),
+        opts,
         shutdown.clone(),
         move |conn, token| logserver::server::handle(conn, srv.clone(), token),
     ));

@@ -145,6 +145,15 @@ impl Handler for Conn {
                 cx.reply(Response::ok());
                 Ok(Flow::Close)
             }
+            Request::Status if !cx.conn.is_member() => {
+                // Before membership: enough for a health check, nothing about the log.
+                cx.reply(Response::status(&[
+                    ("id", self.srv.id.to_string()),
+                    ("role", "logserver".to_string()),
+                    ("member", "no".to_string()),
+                ]));
+                Ok(Flow::Continue)
+            }
             req => {
                 // A read sees this connection's earlier writes: wait for them first.
                 let is_write = matches!(

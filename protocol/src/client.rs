@@ -9,6 +9,7 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 use crate::codec::Frame;
 use crate::connection::Connection;
 use crate::response::{Response, ServerError};
+use crate::trust::{Challenge, ClusterSecret, Trust};
 use crate::{kv, log, seq};
 
 /// Replies can carry a value as large as a request line, quoted, so allow well beyond the
@@ -59,6 +60,40 @@ impl Client {
         Ok(Client {
             conn: Connection::new(stream, CLIENT_MAX_LINE),
         })
+    }
+
+    /// Connects to a cluster member (a sequencer or logserver) as a member: under TLS when
+    /// `trust` has it (our certificate proves membership), else with the cluster secret's
+    /// handshake when `trust` has one, else plainly (the server then trusts loopback only).
+    /// Also for a kvstore under TLS, where the handshake is skipped the same way.
+    pub async fn connect_trusted(addr: &str, trust: &Trust) -> Result<Client> {
+        let stream = trust.dial(addr).await?;
+        let tls = stream.is_tls();
+        let mut c = Client {
+            conn: Connection::new(stream, CLIENT_MAX_LINE),
+        };
+        if let Some(secret) = trust.secret.as_ref().filter(|_| !tls) {
+            c.prove(secret).await?;
+        }
+        Ok(c)
+    }
+
+    /// Runs the client's side of the cluster handshake (`HELLO`, `CLUSTER`) on this connection,
+    /// checking the server's proof too.
+    pub async fn prove(&mut self, secret: &ClusterSecret) -> Result<()> {
+        let nonce = match self.call_ok(b"HELLO").await? {
+            Response::Ok(w) if w.len() == 1 => w[0].clone(),
+            r => return Err(ClientError::Unexpected(r)),
+        };
+        let challenge =
+            Challenge::answer(secret, &nonce).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let proof = match self.call_ok(&challenge.line).await? {
+            Response::Ok(w) if w.len() == 1 => w[0].clone(),
+            r => return Err(ClientError::Unexpected(r)),
+        };
+        challenge
+            .check(secret, &proof)
+            .map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// Queues a request line; it is sent at the next `recv` or `flush`.

@@ -33,12 +33,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 
 use crate::codec::{Frame, LineCodec};
 use crate::response::{ErrorCode, Response};
+use crate::trust::{Gate, Stream};
 
 /// Flush early once this much output is pending, so a client that pipelines without reading
 /// cannot make the server buffer without bound.
@@ -127,7 +127,10 @@ pub struct ConnLimits {
 /// A buffered DKSP connection: framed reads of request lines, batched writes of replies, and the
 /// per-connection limits of [`ConnLimits`].
 pub struct Connection {
-    stream: TcpStream,
+    stream: Stream,
+    /// On a cluster port: the connection's membership (see [`crate::trust`]); `None` where
+    /// every line goes to the handler (the kvstore, clients).
+    gate: Option<Gate>,
     codec: LineCodec,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -149,17 +152,18 @@ pub struct Connection {
 
 impl Connection {
     /// A connection with no limits but the line length (clients use this).
-    pub fn new(stream: TcpStream, max_line: usize) -> Self {
-        Self::accepted(stream, max_line, ConnLimits::default())
+    pub fn new(stream: impl Into<Stream>, max_line: usize) -> Self {
+        Self::accepted(stream.into(), max_line, ConnLimits::default())
     }
 
     /// A server's side of an accepted connection, enforcing `limits`.
-    pub fn accepted(stream: TcpStream, max_line: usize, limits: ConnLimits) -> Self {
+    pub fn accepted(stream: Stream, max_line: usize, limits: ConnLimits) -> Self {
         // Replies are small and latency matters more than packet count; batching is done here.
-        let _ = stream.set_nodelay(true);
+        let _ = stream.tcp().set_nodelay(true);
         let now = Instant::now();
         Self {
             stream,
+            gate: None,
             codec: LineCodec::new(max_line),
             rbuf: BytesMut::with_capacity(BASE_READ_BUFFER),
             wbuf: BytesMut::with_capacity(8 * 1024),
@@ -182,6 +186,28 @@ impl Connection {
     /// The peer's address, if the socket still knows it.
     pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.peer_addr().ok()
+    }
+
+    /// The stream underneath (to ask whether it is TLS, or who the peer is).
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// Puts the connection behind a cluster [`Gate`]: the connection loop then answers the
+    /// handshake itself and lets only members' requests through.
+    pub fn set_gate(&mut self, gate: Gate) {
+        self.gate = Some(gate);
+    }
+
+    /// The connection's gate, if it is on a cluster port.
+    pub fn gate_mut(&mut self) -> Option<&mut Gate> {
+        self.gate.as_mut()
+    }
+
+    /// Whether the connection may make member requests: it is on no cluster port (no gate),
+    /// or it has proven membership.
+    pub fn is_member(&self) -> bool {
+        self.gate.as_ref().is_none_or(|g| g.member())
     }
 
     /// The next frame, or `None` once the peer has closed. Pending output is flushed before
@@ -341,7 +367,8 @@ impl Connection {
             self.wbuf.advance(n);
             self.last_activity = Instant::now();
         }
-        Ok(())
+        // TLS may hold written bytes in its own buffer until flushed (a no-op for TCP).
+        self.stream.flush().await
     }
 
     /// Flushes, then closes the write side so the peer sees EOF after the last reply. If this
@@ -372,7 +399,10 @@ impl Drop for Connection {
         // blocking.
         if let Some(words) = self.final_words.take() {
             self.wbuf.extend_from_slice(&words);
-            let _ = self.stream.try_write(&self.wbuf);
+            // Only plain TCP can be written without blocking here; under TLS the words are lost.
+            if let Stream::Plain(s) = &self.stream {
+                let _ = s.try_write(&self.wbuf);
+            }
         }
     }
 }

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::codec::Frame;
 use crate::connection::Connection;
 use crate::response::{Response, ServerError};
+use crate::trust::Verdict;
 
 /// Replies one connection may have queued (ready or waiting) before the loop stops reading.
 pub const MAX_PIPELINE: usize = 4096;
@@ -297,6 +298,19 @@ pub async fn run<H: Handler>(mut conn: Connection, mut handler: H, shutdown: Can
                 break;
             }
         };
+        if let Some(gate) = conn.gate_mut() {
+            match gate.check(&line) {
+                Verdict::Pass => {}
+                Verdict::Answer(r) => {
+                    replies.push(r);
+                    continue;
+                }
+                Verdict::Close(r) => {
+                    replies.push(r);
+                    break;
+                }
+            }
+        }
         let req = match H::Request::parse_line(&line) {
             Ok(Some(req)) => req,
             Ok(None) => continue,

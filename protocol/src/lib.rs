@@ -12,6 +12,8 @@
 //! - [`record`]: checksummed `[len][crc32c][postcard]` records on disk and atomic file
 //!   replacement, shared by the logserver and the sequencer.
 //! - [`client`]: an async client with typed helpers.
+//! - [`trust`]: cluster membership (mutual TLS or a shared secret's challenge–response) and
+//!   the TLS stream.
 //! - [`hops`]: the opt-in per-hop commit timestamps behind `--trace-hops` and `HOPS`.
 
 #![warn(missing_docs)]
@@ -30,6 +32,7 @@ pub mod response;
 pub mod seq;
 pub mod server;
 pub mod token;
+pub mod trust;
 
 pub use client::{Client, ClientError, CommitOutcome};
 pub use codec::{Frame, LineCodec, DEFAULT_MAX_LINE};

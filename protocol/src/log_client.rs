@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use crate::client::{Client, ClientError, Result};
 use crate::log::Request;
 use crate::response::{parse_u64, ErrorCode, Response};
+use crate::trust::Trust;
 
 /// Which replica to try next: the one a `REDIRECT` named, else round-robin over the rest.
 #[derive(Debug, Clone)]
@@ -96,6 +97,8 @@ fn field(pairs: &[(&[u8], &[u8])], reply: &str, name: &str) -> Result<u64> {
 pub struct LogClient {
     replicas: Replicas,
     conn: Option<(String, Client)>,
+    /// How it proves membership to the replicas.
+    trust: Trust,
     /// How long one call keeps retrying before giving up.
     pub deadline: Duration,
     /// How long one attempt waits for its reply before trying another replica. A leader cut
@@ -110,9 +113,21 @@ impl LogClient {
         LogClient {
             replicas: Replicas::new(replicas),
             conn: None,
+            trust: Trust::none(),
             deadline: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(2),
         }
+    }
+
+    /// The same client, proving membership with `trust` (see [`Client::connect_trusted`]).
+    pub fn with_trust(mut self, trust: Trust) -> LogClient {
+        self.trust = trust;
+        self
+    }
+
+    /// How it proves membership.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     /// The replica currently talked to, if connected.
@@ -123,9 +138,12 @@ impl LogClient {
     async fn connection(&mut self) -> Result<&mut Client> {
         if self.conn.is_none() {
             let addr = self.replicas.current().to_string();
-            let c = tokio::time::timeout(Duration::from_secs(1), Client::connect(addr.as_str()))
-                .await
-                .map_err(|_| ClientError::Io(std::io::ErrorKind::TimedOut.into()))??;
+            let c = tokio::time::timeout(
+                Duration::from_secs(1),
+                Client::connect_trusted(&addr, &self.trust),
+            )
+            .await
+            .map_err(|_| ClientError::Io(std::io::ErrorKind::TimedOut.into()))??;
             self.conn = Some((addr, c));
         }
         match self.conn.as_mut() {

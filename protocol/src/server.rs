@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::connection::{ConnLimits, Connection, ReadBudget};
+use crate::trust::Trust;
 
 /// Descriptors kept free for what a server opens besides client connections (data files, log
 /// segments, Raft peer links, its own connections to the sequencer and log).
@@ -44,6 +45,24 @@ pub struct ServeOptions {
     pub max_connections: usize,
     /// What each accepted connection enforces.
     pub limits: ConnLimits,
+    /// TLS for accepted connections, and the cluster secret for [`Port::Cluster`].
+    pub trust: Trust,
+    /// Who the port serves.
+    pub port: Port,
+}
+
+/// Who a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// Clients: every line goes to the handler (the kvstore authenticates its users itself).
+    Client,
+    /// Cluster members only (the sequencer, a logserver's DKSP port): connections go behind a
+    /// [`crate::trust::Gate`].
+    Cluster {
+        /// Whether `STATUS` is answered before membership (the handler then answers a
+        /// minimal one; see [`Connection::is_member`]).
+        status_open: bool,
+    },
 }
 
 impl ServeOptions {
@@ -53,6 +72,8 @@ impl ServeOptions {
             max_line,
             max_connections: usize::MAX >> 4,
             limits: ConnLimits::default(),
+            trust: Trust::none(),
+            port: Port::Client,
         }
     }
 }
@@ -113,6 +134,8 @@ impl ConnArgs {
                     self.max_read_buffer_mib.saturating_mul(1 << 20),
                 )),
             },
+            trust: Trust::none(),
+            port: Port::Client,
         }
     }
 }
@@ -177,7 +200,7 @@ pub async fn serve<F, Fut>(
     shutdown: CancellationToken,
     handle: F,
 ) where
-    F: Fn(Connection, CancellationToken) -> Fut,
+    F: Fn(Connection, CancellationToken) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     serve_with(
@@ -191,16 +214,19 @@ pub async fn serve<F, Fut>(
 
 /// Accepts connections until `shutdown` fires, running `handle` on each in its own task. Each
 /// handler gets a child token that fires on shutdown, so it can finish its reply and close.
-/// Connections past `opts.max_connections` are refused (see the module comment).
+/// Connections past `opts.max_connections` are refused (see the module comment). Under TLS the
+/// handshake runs in the connection's task, bounded by [`crate::trust::HANDSHAKE_TIMEOUT`]; on a
+/// [`Port::Cluster`] the connection goes behind its [`crate::trust::Gate`].
 pub async fn serve_with<F, Fut>(
     listener: TcpListener,
     opts: ServeOptions,
     shutdown: CancellationToken,
     handle: F,
 ) where
-    F: Fn(Connection, CancellationToken) -> Fut,
+    F: Fn(Connection, CancellationToken) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let handle = Arc::new(handle);
     let reclaimer = tokio::spawn(reclaim_memory(shutdown.clone()));
     let slots = Arc::new(Semaphore::new(opts.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
@@ -223,10 +249,21 @@ pub async fn serve_with<F, Fut>(
                         }
                         continue;
                     };
-                    let conn = Connection::accepted(stream, opts.max_line, opts.limits.clone());
-                    let task = handle(conn, shutdown.child_token());
+                    let (trust, port, limits) = (opts.trust.clone(), opts.port, opts.limits.clone());
+                    let (max_line, token, handle) = (opts.max_line, shutdown.child_token(), handle.clone());
                     tokio::spawn(async move {
-                        task.await;
+                        let stream = match trust.accept(stream).await {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::info!("TLS handshake with {peer} failed: {e}");
+                                return;
+                            }
+                        };
+                        let mut conn = Connection::accepted(stream, max_line, limits);
+                        if let Port::Cluster { status_open } = port {
+                            conn.set_gate(trust.gate(conn.stream(), status_open));
+                        }
+                        handle(conn, token).await;
                         drop(slot);
                     });
                 }

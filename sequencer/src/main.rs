@@ -30,6 +30,8 @@ struct Args {
     max_line: usize,
     #[command(flatten)]
     conn: protocol::server::ConnArgs,
+    #[command(flatten)]
+    trust: protocol::trust::TrustArgs,
     /// Write this reserved mark and exit (recovery from a corrupt state file). Refused if a
     /// readable mark is higher, or if it is 2^64-1 (no timestamp would be left to hand out).
     #[arg(long)]
@@ -62,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
         println!("reserved mark set to {mark} in {}", state.path().display());
         return Ok(());
     }
+    let trust = args.trust.load()?;
+    tracing::info!("cluster members are trusted by {}", trust.describe());
     let oracle = Oracle::start(state, args.window)?;
     if oracle.current() == u64::MAX {
         tracing::error!(
@@ -79,9 +83,13 @@ async fn main() -> anyhow::Result<()> {
         oracle.current()
     );
     let shutdown = CancellationToken::new();
+    let mut opts = args.conn.options(args.max_line, 256, 0);
+    opts.trust = trust;
+    // Only members may take timestamps; before the handshake, PING alone is answered.
+    opts.port = protocol::server::Port::Cluster { status_open: false };
     let serving = tokio::spawn(protocol::server::serve_with(
         listener,
-        args.conn.options(args.max_line, 256, 0),
+        opts,
         shutdown.clone(),
         move |conn, token| server::handle(conn, oracle.clone(), token),
     ));

@@ -205,7 +205,7 @@ pub(crate) async fn start(e: &Arc<Engine>, ticket: Ticket, index: u64) {
         // threads, which serve clients and the committer meanwhile. The copy is freed there too.
         let encoded = tokio::task::spawn_blocking(move || postcard::to_stdvec(&data)).await;
         let result = match encoded {
-            Ok(Ok(bytes)) => upload_checkpoint(&e.cfg.log, index, &bytes).await,
+            Ok(Ok(bytes)) => upload_checkpoint(&e.cfg.log, &e.cfg.trust, index, &bytes).await,
             Ok(Err(err)) => Err(CheckpointError::Encode(err.to_string())),
             Err(err) => Err(CheckpointError::Encode(format!("encoding task: {err}"))),
         };
@@ -227,10 +227,11 @@ pub(crate) async fn start(e: &Arc<Engine>, ticket: Ticket, index: u64) {
 /// Writes the encoded checkpoint `data` of log index `index` to the log; returns its length.
 async fn upload_checkpoint(
     addrs: &[String],
+    trust: &protocol::trust::Trust,
     index: u64,
     data: &[u8],
 ) -> Result<usize, CheckpointError> {
-    let mut log = LogClient::new(addrs.to_vec());
+    let mut log = LogClient::new(addrs.to_vec()).with_trust(trust.clone());
     let id = index;
     // The first chunk goes through `call_leader`, which finds the leader; the rest are
     // pipelined to it, CKPT_WINDOW at a time: the leader proposes them in the order sent, which
@@ -297,7 +298,7 @@ pub(crate) async fn connect_alongside(
         .connected_to()
         .ok_or(CheckpointError::NotConnected)?
         .to_string();
-    let conn = Client::connect(addr.as_str())
+    let conn = Client::connect_trusted(&addr, log.trust())
         .await
         .map_err(|e| CheckpointError::Replica(addr.clone(), e))?;
     Ok((addr, conn))

@@ -65,14 +65,19 @@ pub(crate) struct Leader {
     pub(crate) replicas: Replicas,
     /// The pipelined connection, while there is one.
     pub(crate) conn: Option<Client>,
+    /// How to prove membership to the log.
+    pub(crate) trust: protocol::trust::Trust,
 }
 
 impl Leader {
     /// Connects to the current guess and sends every batch still in flight, in order.
     async fn reconnect(&mut self, inflight: &VecDeque<Batch>) -> bool {
         let addr = self.replicas.current().to_string();
-        let connected =
-            tokio::time::timeout(Duration::from_secs(1), Client::connect(addr.as_str())).await;
+        let connected = tokio::time::timeout(
+            Duration::from_secs(1),
+            Client::connect_trusted(&addr, &self.trust),
+        )
+        .await;
         let Ok(Ok(mut c)) = connected else {
             self.replicas.rotate();
             return false;
@@ -133,6 +138,7 @@ pub(crate) async fn committer_loop(
         leader: Leader {
             replicas: Replicas::new(e.cfg.log.clone()),
             conn: None,
+            trust: e.cfg.trust.clone(),
         },
         inflight: VecDeque::new(),
         queue: VecDeque::new(),

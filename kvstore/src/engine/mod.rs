@@ -65,6 +65,9 @@ pub struct Config {
     /// Log entries the committer sends ahead without waiting for a reply, however little each
     /// holds (`--log-pipeline`).
     pub log_pipeline: usize,
+    /// How the kvstore proves cluster membership to the sequencer and the log (TLS, the
+    /// cluster secret).
+    pub trust: protocol::trust::Trust,
 }
 
 /// Where the engine stands, for `STATUS`.
@@ -123,7 +126,7 @@ impl Engine {
         });
         let e = engine.clone();
         tokio::spawn(async move {
-            let mut log = LogClient::new(e.cfg.log.clone());
+            let mut log = LogClient::new(e.cfg.log.clone()).with_trust(e.cfg.trust.clone());
             log.deadline = Duration::from_secs(5);
             loop {
                 match e.recover(&mut log).await {
@@ -145,6 +148,7 @@ impl Engine {
                 tokio::spawn(crate::follow::follow(
                     e.life.clone(),
                     e.cfg.log.clone(),
+                    e.cfg.trust.clone(),
                     from,
                 ));
             }

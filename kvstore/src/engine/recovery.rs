@@ -69,7 +69,7 @@ impl Engine {
     /// ahead on a second connection, so the logserver's work, the network and parsing overlap
     /// with applying.
     async fn replay(&self, from: u64, epoch: &mut u64) -> Result<Replayed, GapError> {
-        let mut pages = prefetch_pages(self.cfg.log.clone(), from);
+        let mut pages = prefetch_pages(self.cfg.log.clone(), self.cfg.trust.clone(), from);
         let mut last = from.saturating_sub(1);
         let mut entries = 0;
         while let Some(page) = pages.recv().await {
@@ -235,10 +235,14 @@ type Page = Result<Vec<(u64, usize, Vec<Record>)>, GapError>;
 
 /// Pages of parsed log entries from `from` to the end (an empty page), read ahead of the
 /// consumer on a connection of their own.
-fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
+fn prefetch_pages(
+    addrs: Vec<String>,
+    trust: protocol::trust::Trust,
+    from: u64,
+) -> mpsc::Receiver<Page> {
     let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
-        let mut log = LogClient::new(addrs);
+        let mut log = LogClient::new(addrs).with_trust(trust);
         log.deadline = Duration::from_secs(5);
         let mut next = from;
         loop {

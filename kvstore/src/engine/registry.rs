@@ -160,7 +160,7 @@ impl Engine {
         let mut last_err = String::new();
         for attempt in 0..50u64 {
             if seq.is_none() {
-                match Client::connect(self.cfg.sequencer.as_str()).await {
+                match Client::connect_trusted(&self.cfg.sequencer, &self.cfg.trust).await {
                     Ok(c) => *seq = Some(c),
                     Err(e) => last_err = e.to_string(),
                 }

@@ -24,6 +24,7 @@ fn cfg(ratio: f64) -> Config {
         follow_log: false,
         commit_timeout: Duration::from_secs(10),
         log_pipeline: DEFAULT_LOG_PIPELINE,
+        trust: protocol::trust::Trust::none(),
     }
 }
 
@@ -47,6 +48,7 @@ fn outbox() -> Outbox {
         leader: Leader {
             replicas: Replicas::new(Vec::new()),
             conn: None,
+            trust: protocol::trust::Trust::none(),
         },
         inflight: VecDeque::new(),
         queue: VecDeque::new(),

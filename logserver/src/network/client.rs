@@ -19,12 +19,10 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use std::io;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
 
-use super::{codec, Conn, NetConfig, RaftRpc, CONNECT_TIMEOUT, UNREACHABLE_BACKOFF};
+use super::{Conn, NetConfig, RaftRpc, UNREACHABLE_BACKOFF};
 use crate::pipeline::{Fault, Feed, PipeConfig, Pipeline};
 use crate::types::{NodeId, RaftError, RpcError, TypeConfig};
 
@@ -63,7 +61,7 @@ pub struct PeerClient {
 }
 
 /// Dials `addr`, sends `body` over `conn` (or a new connection) and reads one reply frame.
-async fn exchange(conn: Option<Conn>, addr: &str, body: bytes::Bytes, max_frame: usize) -> Outcome {
+async fn exchange(conn: Option<Conn>, addr: &str, body: bytes::Bytes, net: NetConfig) -> Outcome {
     let conn = conn.and_then(|mut c| {
         // Between exchanges a peer has nothing to say, so anything readable now is EOF, an
         // error or junk: in practice the peer restarted. Redialling now keeps that from
@@ -72,20 +70,11 @@ async fn exchange(conn: Option<Conn>, addr: &str, body: bytes::Bytes, max_frame:
     });
     let mut conn = match conn {
         Some(c) => c,
-        None => match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => {
-                // Best effort: without it heartbeats wait on Nagle, but they still work.
-                let _ = s.set_nodelay(true);
-                Framed::new(s, codec(max_frame))
-            }
-            Ok(Err(e)) => return (None, Err(Failure::Unreachable(e))),
-            Err(_) => {
-                let e = io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connecting to {addr} timed out"),
-                );
-                return (None, Err(Failure::Unreachable(e)));
-            }
+        None => match super::dial(addr, &net).await {
+            Ok(c) => c,
+            // Refused, timed out, or the handshake failed (a peer of another cluster, or run
+            // with other credentials): unreachable for Raft's purposes, logged by the caller.
+            Err(e) => return (None, Err(Failure::Unreachable(e))),
         },
     };
     let reply: io::Result<bytes::BytesMut> = async {
@@ -151,10 +140,10 @@ impl PeerClient {
             ))));
         }
         let addr = self.addr.clone();
-        let max_frame = self.config.max_frame;
+        let net = self.config.clone();
         Ok(tokio::spawn(async move {
             let body = bytes::Bytes::from(body);
-            match tokio::time::timeout(deadline, exchange(conn, &addr, body, max_frame)).await {
+            match tokio::time::timeout(deadline, exchange(conn, &addr, body, net)).await {
                 Ok(outcome) => outcome,
                 Err(_) => (
                     None,

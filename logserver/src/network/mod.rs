@@ -45,9 +45,10 @@ mod tests;
 pub use client::PeerClient;
 pub use serve::serve;
 
+use protocol::trust::Stream;
 use serde::{Deserialize, Serialize};
+use std::io;
 use std::time::Duration;
-use tokio::net::TcpStream;
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 use crate::pipeline::Feed;
@@ -95,6 +96,8 @@ pub struct NetConfig {
     pub max_frame: usize,
     /// Appends in flight per follower at most (see [`crate::pipeline`]).
     pub pipeline_depth: usize,
+    /// How this replica proves membership to its peers (TLS, the cluster secret).
+    pub trust: protocol::trust::Trust,
 }
 
 impl Default for NetConfig {
@@ -108,6 +111,7 @@ impl Default for NetConfig {
                 DEFAULT_SNAPSHOT_CHUNK,
             ),
             pipeline_depth: crate::pipeline::DEFAULT_DEPTH,
+            trust: protocol::trust::Trust::none(),
         }
     }
 }
@@ -179,4 +183,22 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 }
 
 /// One connection to or from a peer: length-delimited frames.
-pub(crate) type Conn = Framed<TcpStream, LengthDelimitedCodec>;
+pub(crate) type Conn = Framed<Stream, LengthDelimitedCodec>;
+
+/// Dials a peer's Raft port within [`CONNECT_TIMEOUT`] and proves membership (TLS or the
+/// cluster secret's handshake, see [`protocol::trust`]), then frames the stream.
+pub(crate) async fn dial(addr: &str, net: &NetConfig) -> io::Result<Conn> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let mut s = net.trust.dial(addr).await?;
+        net.trust.raft_prove(&mut s).await?;
+        Ok::<_, io::Error>(s)
+    })
+    .await
+    .map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connecting to {addr} timed out"),
+        )
+    })??;
+    Ok(Framed::new(stream, codec(net.max_frame)))
+}

@@ -13,14 +13,19 @@ use tokio_util::sync::CancellationToken;
 use super::{codec, Conn, RaftRpc};
 use crate::types::{Raft, TypeConfig};
 use protocol::hops::{self, Hop};
+use protocol::trust::Trust;
 
 /// Serves Raft RPCs from the other replicas until `shutdown` fires; connections in progress
-/// are dropped then too. Frames over `max_frame` close their connection unread.
+/// are dropped then too. Frames over `max_frame` close their connection unread. A connection
+/// first proves membership ([`Trust::raft_admit`]: TLS with a cluster certificate, the secret's
+/// handshake, or loopback without credentials); one that does not is dropped, having sent at
+/// most [`protocol::trust::RAFT_PREAUTH_BYTES`].
 pub async fn serve(
     listener: TcpListener,
     raft: Raft,
     shutdown: CancellationToken,
     max_frame: usize,
+    trust: Trust,
 ) {
     loop {
         let stream = tokio::select! {
@@ -41,7 +46,26 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let raft = raft.clone();
         let token = shutdown.child_token();
+        let trust = trust.clone();
         tokio::spawn(async move {
+            let peer = stream
+                .peer_addr()
+                .map_or_else(|_| "?".to_string(), |a| a.to_string());
+            let admitted = async {
+                let mut s = trust.accept(stream).await?;
+                trust.raft_admit(&mut s).await?;
+                Ok::<_, io::Error>(s)
+            };
+            let stream = tokio::select! {
+                _ = token.cancelled() => return,
+                s = admitted => match s {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("raft connection from {peer} refused: {e}");
+                        return;
+                    }
+                },
+            };
             tokio::select! {
                 _ = token.cancelled() => {}
                 _ = serve_peer(Framed::new(stream, codec(max_frame)), raft, max_frame) => {}

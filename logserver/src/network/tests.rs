@@ -260,7 +260,7 @@ async fn echo_voter(listener: TcpListener, delay: Duration) {
             return;
         };
         tokio::spawn(async move {
-            let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+            let mut conn = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
             while let Some(Ok(frame)) = conn.next().await {
                 let Ok(RaftRpc::Vote(req)) = postcard::from_bytes::<RaftRpc>(&frame) else {
                     return;
@@ -327,7 +327,7 @@ async fn a_peer_closing_mid_call_is_a_network_error_and_the_next_call_redials() 
     // First connection: read the request, then hang up without replying.
     let first = tokio::spawn(async move {
         let (stream, _) = listener.accept().await.expect("accept");
-        let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+        let mut conn = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
         let _ = conn.next().await;
         drop(conn);
         listener
@@ -374,7 +374,7 @@ async fn recording_follower(
         };
         let (seen, delayed) = (seen.clone(), delayed.clone());
         tokio::spawn(async move {
-            let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+            let mut conn = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
             while let Some(Ok(frame)) = conn.next().await {
                 let Ok(RaftRpc::Append(req)) = postcard::from_bytes::<RaftRpc>(&frame) else {
                     return;
@@ -557,7 +557,7 @@ async fn holding_follower(
     let Ok((stream, _)) = listener.accept().await else {
         return;
     };
-    let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+    let mut conn = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
     let mut read = 0;
     while let Some(Ok(frame)) = conn.next().await {
         if let Ok(RaftRpc::Append(req)) = postcard::from_bytes::<RaftRpc>(&frame) {
@@ -638,7 +638,7 @@ async fn mute_then_answering_follower(
         let (mute, seen) = (first, seen.clone());
         first = false;
         tokio::spawn(async move {
-            let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+            let mut conn = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
             while let Some(Ok(frame)) = conn.next().await {
                 if let Ok(RaftRpc::Append(req)) = postcard::from_bytes::<RaftRpc>(&frame) {
                     seen.lock().expect("lock").push(req.entries.len());
@@ -677,7 +677,7 @@ async fn an_append_unanswered_by_its_deadline_drops_the_connection_and_goes_agai
 async fn refusing_follower(listener: TcpListener) {
     while let Ok((stream, _)) = listener.accept().await {
         tokio::spawn(async move {
-            let mut conn = Framed::new(stream, codec(NetConfig::default().max_frame));
+            let mut conn = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
             while let Some(Ok(_)) = conn.next().await {
                 if answer(&mut conn, AppendEntriesResponse::Conflict)
                     .await
@@ -731,6 +731,7 @@ async fn served_raft() -> (tempfile::TempDir, Raft, String, CancellationToken) {
         raft.clone(),
         shutdown.clone(),
         NetConfig::default().max_frame,
+        protocol::trust::Trust::none(),
     ));
     (dir, raft, addr, shutdown)
 }
@@ -740,8 +741,10 @@ async fn server_answers_rpcs_survives_garbage_and_maps_remote_errors() {
     let (_dir, raft, addr, shutdown) = served_raft().await;
 
     // Garbage: the server closes that connection and keeps serving others.
-    let stream = TcpStream::connect(&addr).await.expect("connect");
-    let mut raw = Framed::new(stream, codec(NetConfig::default().max_frame));
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut raw = Framed::new(Stream::from(stream), codec(NetConfig::default().max_frame));
     raw.send(Bytes::from_static(b"\xff\xff\xff\xff\xff\xffnot postcard"))
         .await
         .expect("send garbage");

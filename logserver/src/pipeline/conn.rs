@@ -5,13 +5,11 @@
 
 use futures::{SinkExt, StreamExt};
 use std::io;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::codec::Framed;
 
 use super::Fault;
-use crate::network::{codec, CONNECT_TIMEOUT};
+use crate::network::NetConfig;
 
 /// One connection's writer and reader tasks; dropping it ends both.
 pub(super) struct ConnTasks {
@@ -42,32 +40,23 @@ pub(super) enum ConnEvent {
 pub(super) fn connect(
     id: u64,
     addr: String,
-    max_frame: usize,
+    net: NetConfig,
     events: &mpsc::UnboundedSender<ConnEvent>,
 ) -> ConnTasks {
     let (frames, mut rx) = mpsc::unbounded_channel::<bytes::Bytes>();
     let events = events.clone();
     let writer = tokio::spawn(async move {
-        let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+        let conn = match crate::network::dial(&addr, &net).await {
+            Ok(c) => c,
+            Err(e) => {
                 let _ = events.send(ConnEvent::Failed(
                     id,
                     Fault::Unreachable(format!("{addr}: {e}")),
                 ));
                 return;
             }
-            Err(_) => {
-                let _ = events.send(ConnEvent::Failed(
-                    id,
-                    Fault::Unreachable(format!("connecting to {addr} timed out")),
-                ));
-                return;
-            }
         };
-        // Best effort: without it a small append may wait on Nagle, but it still arrives.
-        let _ = stream.set_nodelay(true);
-        let (mut sink, mut stream) = Framed::new(stream, codec(max_frame)).split();
+        let (mut sink, mut stream) = conn.split();
         let reader_events = events.clone();
         let reader = tokio::spawn(async move {
             loop {

@@ -414,7 +414,7 @@ impl Actor {
             };
             let conn = self.conn.get_or_insert_with(|| {
                 self.conn_id = self.conn_id.wrapping_add(1);
-                connect(self.conn_id, self.addr.clone(), self.net.max_frame, events)
+                connect(self.conn_id, self.addr.clone(), self.net.clone(), events)
             });
             if conn.frames.send(bytes::Bytes::from(frame)).is_err() {
                 return self.reset(Fault::Network("connection task ended".into()));
