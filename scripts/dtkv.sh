@@ -8,6 +8,27 @@ DATA=${DATA:-./data}
 BIN=${BIN:-./target/release}
 mkdir -p "$DATA/logs" "$DATA/pids"
 
+# Cluster credentials (docs/operations.md, "Trust"). Every process proves membership to the
+# others with the secret in $DATA/cluster.secret, made on first start. With TLS=1 (once: the
+# certificates stay in $DATA/tls and are used from then on) every link is TLS, with development
+# certificates from `dtkv-admin certs`.
+SECRET=$DATA/cluster.secret
+TLSDIR=$DATA/tls
+if [ ! -s "$SECRET" ]; then
+  (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET")
+fi
+if [ "${TLS:-0}" = 1 ] && [ ! -s "$TLSDIR/node.pem" ]; then
+  "$BIN/dtkv-admin" certs --dir "$TLSDIR" >/dev/null
+fi
+TRUST="--cluster-secret-file $SECRET"
+DKSP_CLUSTER="--cluster-secret-file $SECRET"
+DKSP_KV=""
+if [ -s "$TLSDIR/node.pem" ]; then
+  TRUST="$TRUST --tls-cert $TLSDIR/node.pem --tls-key $TLSDIR/node.key --tls-ca $TLSDIR/ca.pem"
+  DKSP_CLUSTER="--tls --tls-ca $TLSDIR/ca.pem --tls-cert $TLSDIR/node.pem --tls-key $TLSDIR/node.key"
+  DKSP_KV="--tls --tls-ca $TLSDIR/ca.pem"
+fi
+
 # name port binary args...   (a service whose binary does not exist yet is skipped)
 services() {
   cat <<SERVICES
@@ -23,8 +44,14 @@ SERVICES
 alive() { [ -r "/proc/$1/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$1/status"; }
 running() { [ -f "$DATA/pids/$1.pid" ] && alive "$(cat "$DATA/pids/$1.pid")"; }
 
-# Sends one request line and prints the reply line (empty if the server does not answer).
-ask() { printf '%s\n' "$2" | timeout 2 "$BIN/dksp" "127.0.0.1:$1" 2>/dev/null | head -n 1 || true; }
+# Sends one request line and prints the reply line (empty if the server does not answer), as a
+# cluster member (or, to the kvstore, as a client).
+ask() {
+  local how=$DKSP_CLUSTER
+  [ "$1" = 10000 ] && how=$DKSP_KV
+  # shellcheck disable=SC2086
+  printf '%s\n' "$2" | timeout 2 "$BIN/dksp" $how "127.0.0.1:$1" 2>/dev/null | head -n 1 || true
+}
 
 start() {
   local filter=${1:-}
@@ -50,7 +77,7 @@ start() {
       sequencer) args="$args ${DTKV_SEQ_ARGS:-}" ;;
     esac
     # shellcheck disable=SC2086
-    nohup "$BIN/$binary" $args >>"$DATA/logs/$name.log" 2>&1 &
+    nohup "$BIN/$binary" $args $TRUST >>"$DATA/logs/$name.log" 2>&1 &
     echo $! >"$DATA/pids/$name.pid"
     for _ in $(seq 1 100); do
       [ "$(ask "$port" PING)" = "PONG" ] && break
