@@ -229,6 +229,7 @@ impl Session {
             },
             Request::Commit => self.commit().await,
             Request::Get { key } => self.get(key).await,
+            Request::Auth { .. } => Response::err(ErrorCode::Rejected, "todo"),
         };
         cx.reply(r);
         Ok(())
