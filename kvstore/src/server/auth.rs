@@ -1,0 +1,301 @@
+//! Who may use a client connection: protected mode, `AUTH`, and the per-request permission
+//! checks of the authenticated user.
+//!
+//! Invariants:
+//! - **With no users configured, only loopback clients are served** (protected mode), unless
+//!   `--no-protected-mode`: [`admits`] decides, from the peer address alone, before the
+//!   connection gets a session.
+//! - **With users configured, nothing but `AUTH`, `PING` and `QUIT` runs before a successful
+//!   `AUTH`** ([`Gate::refuse`] answers `ERR NOAUTH`); after it, every key a command touches is
+//!   checked against the user's grants, and `STATUS`/`HOPS` need the admin right.
+//! - **Password checks never run on the runtime thread**: each is one argon2 verify on a
+//!   blocking thread, at most [`AuthConfig::verifies`] at once server-wide, so a flood of
+//!   `AUTH`s delays other `AUTH`s, not commits.
+//! - **Guessing is slow and bounded per connection**: a failed `AUTH` is answered only after
+//!   `--auth-fail-delay-ms`, is logged (user name and peer, never the password), and the
+//!   `--max-auth-failures`th failure on a connection closes it. Failures are never forgiven
+//!   on a connection (a success does not reset the count), so one valid account cannot be used
+//!   to keep guessing another's password.
+
+use bytes::Bytes;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+use protocol::kv::Request;
+use protocol::{token, ErrorCode, Response};
+
+use crate::users::{User, Users};
+
+/// The answer to a client that protected mode refuses.
+pub const PROTECTED_MESSAGE: &str = "protected mode: no users are configured, so only loopback \
+     clients are served; configure users with --users, or start the kvstore with \
+     --no-protected-mode on a trusted network (see docs/operations.md)";
+
+/// The answer to a failed `AUTH`, the same for an unknown user and a wrong password.
+pub const WRONGPASS_MESSAGE: &str = "invalid username or password";
+
+/// Whether a client at `peer` is served: always when users are configured (it must `AUTH`)
+/// or protected mode is off, else only from a loopback address (127.0.0.0/8, ::1, or an
+/// IPv4-mapped loopback address).
+pub fn admits(peer: SocketAddr, users_configured: bool, protected: bool) -> bool {
+    users_configured || !protected || is_loopback(peer.ip())
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}
+
+/// The users and the `AUTH` limits (`--users`, `--max-auth-failures`, `--auth-fail-delay-ms`).
+#[derive(Debug)]
+pub struct AuthConfig {
+    /// The users file's users.
+    pub users: Arc<Users>,
+    /// After this many failed `AUTH`s a connection is closed.
+    pub max_failures: u32,
+    /// How long a failed `AUTH` waits before it is answered.
+    pub fail_delay: Duration,
+    /// Password checks running at once, server-wide.
+    pub verifies: Arc<Semaphore>,
+}
+
+impl AuthConfig {
+    /// A configuration allowing `verifies` password checks at once.
+    pub fn new(
+        users: Arc<Users>,
+        max_failures: u32,
+        fail_delay: Duration,
+        verifies: usize,
+    ) -> AuthConfig {
+        AuthConfig {
+            users,
+            max_failures: max_failures.max(1),
+            fail_delay,
+            verifies: Arc::new(Semaphore::new(verifies.max(1))),
+        }
+    }
+
+    /// Password checks at once by default: half the cores, at least 1 and at most 2, so
+    /// `AUTH`s can never take every core from the commit path.
+    pub fn default_verifies() -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (cores / 2).clamp(1, 2)
+    }
+}
+
+/// Who may use a client connection: the users (if any) and protected mode.
+#[derive(Debug, Default)]
+pub struct ClientAuth {
+    /// `None`: no users are configured, no `AUTH` is needed.
+    pub users: Option<AuthConfig>,
+    /// With no users: serve only loopback clients.
+    pub protected: bool,
+}
+
+impl ClientAuth {
+    /// Whether a client at `peer` gets a session (see [`admits`]).
+    pub fn admits(&self, peer: SocketAddr) -> bool {
+        admits(peer, self.users.is_some(), self.protected)
+    }
+}
+
+/// One connection's authentication state.
+pub(super) struct Gate {
+    pub(super) auth: Arc<ClientAuth>,
+    /// Who the connection is, once an `AUTH` succeeded.
+    pub(super) user: Option<Arc<User>>,
+    /// Failed `AUTH`s on this connection.
+    pub(super) failures: u32,
+    /// The client's address, for the log.
+    pub(super) peer: Option<SocketAddr>,
+}
+
+/// What a failed `AUTH` leads to.
+pub(super) enum AuthOutcome {
+    /// The connection goes on.
+    Answer(Response),
+    /// The connection is closed after this answer.
+    Close(Response),
+}
+
+/// `ERR DENIED <thing> <why>`: the thing (a key, token-encoded, or a command) comes first.
+pub(super) fn denied(thing: &[u8], why: &str) -> Response {
+    let thing = String::from_utf8_lossy(&token::join(&[thing])).into_owned();
+    Response::err(ErrorCode::Denied, format!("{thing} {why}"))
+}
+
+impl Gate {
+    pub(super) fn new(auth: Arc<ClientAuth>, peer: Option<SocketAddr>) -> Gate {
+        Gate {
+            auth,
+            user: None,
+            failures: 0,
+            peer,
+        }
+    }
+
+    /// The refusal of `req` before it runs, if any: `NOAUTH` before a successful `AUTH`, or
+    /// `DENIED` for a key outside the user's grants or an admin command without the right.
+    pub(super) fn refuse(&self, req: &Request) -> Option<Refusal> {
+        if self.auth.users.is_none() {
+            return None;
+        }
+        let Some(user) = &self.user else {
+            return match req {
+                Request::Auth { .. } | Request::Ping | Request::Quit => None,
+                _ => Some(Refusal::Read(Response::err(
+                    ErrorCode::NoAuth,
+                    "authentication required",
+                ))),
+            };
+        };
+        match req {
+            Request::Get { key } if !user.may_read(key) => {
+                Some(Refusal::Read(denied(key, "no read permission")))
+            }
+            Request::Put { key, .. } | Request::Del { key } if !user.may_write(key) => {
+                Some(Refusal::Write(key.clone()))
+            }
+            Request::Scan { start, end, .. } => user.first_unreadable(start, end).map(|k| {
+                Refusal::Read(denied(
+                    &k,
+                    "no read permission (SCAN needs it on the whole range)",
+                ))
+            }),
+            Request::Status if !user.is_admin() => {
+                Some(Refusal::Read(denied(b"STATUS", "needs the admin right")))
+            }
+            Request::Hops if !user.is_admin() => {
+                Some(Refusal::Read(denied(b"HOPS", "needs the admin right")))
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs `AUTH user password` (the caller has checked there are users and no transaction
+    /// is open): one password check off the runtime, then `OK`, or after the failure delay
+    /// `WRONGPASS`, closing the connection at the last allowed failure.
+    pub(super) async fn auth(
+        &mut self,
+        config: &AuthConfig,
+        user: Bytes,
+        password: Bytes,
+    ) -> AuthOutcome {
+        let found = match config.verifies.clone().acquire_owned().await {
+            Ok(permit) => {
+                let users = config.users.clone();
+                let name = user.clone();
+                tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
+                    users.check_password(&name, &password)
+                })
+                .await
+            }
+            // The semaphore is never closed.
+            Err(_) => {
+                return AuthOutcome::Answer(Response::err(
+                    ErrorCode::Internal,
+                    "the password checker is closed",
+                ))
+            }
+        };
+        match found {
+            Ok(Some(u)) => {
+                tracing::debug!("{:?}: authenticated as {}", self.peer, u.name());
+                self.user = Some(u);
+                AuthOutcome::Answer(Response::ok())
+            }
+            Ok(None) => {
+                self.failures = self.failures.saturating_add(1);
+                let peer = self
+                    .peer
+                    .map_or_else(|| "an unknown address".to_string(), |p| p.to_string());
+                tracing::warn!(
+                    "failed AUTH as {} from {peer} ({} of {} on this connection)",
+                    token::display(&user),
+                    self.failures,
+                    config.max_failures
+                );
+                // Rate limiting: every guess costs the guesser this long on this connection.
+                tokio::time::sleep(config.fail_delay).await;
+                if self.failures >= config.max_failures {
+                    AuthOutcome::Close(Response::err(
+                        ErrorCode::WrongPass,
+                        format!(
+                            "{WRONGPASS_MESSAGE}; {} failed AUTHs on this connection \
+                             (--max-auth-failures), closing it",
+                            self.failures
+                        ),
+                    ))
+                } else {
+                    AuthOutcome::Answer(Response::err(ErrorCode::WrongPass, WRONGPASS_MESSAGE))
+                }
+            }
+            Err(e) => AuthOutcome::Answer(Response::err(
+                ErrorCode::Internal,
+                format!("the password check failed: {e}"),
+            )),
+        }
+    }
+}
+
+/// Why a request is refused before it runs.
+pub(super) enum Refusal {
+    /// Refused alone: the transaction, if any, stays open.
+    Read(Response),
+    /// A write to a key the user may not write: inside a transaction it aborts the
+    /// transaction, as a write over `--max-txn-bytes` does.
+    Write(Bytes),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn protected_mode_admits_only_loopback_clients_and_only_without_users() {
+        let loopback = [
+            "127.0.0.1:5",
+            "127.8.9.10:5",
+            "[::1]:5",
+            "[::ffff:127.0.0.1]:5",
+        ];
+        let remote = [
+            "10.0.0.1:5",
+            "192.168.1.2:5",
+            "[2001:db8::1]:5",
+            "[::ffff:10.0.0.1]:5",
+            "0.0.0.0:5",
+        ];
+        for a in loopback {
+            assert!(admits(addr(a), false, true), "{a} is loopback");
+        }
+        for a in remote {
+            assert!(
+                !admits(addr(a), false, true),
+                "{a} is refused in protected mode"
+            );
+            assert!(admits(addr(a), true, true), "{a} may AUTH when users exist");
+            assert!(
+                admits(addr(a), false, false),
+                "{a} with --no-protected-mode"
+            );
+        }
+    }
+
+    #[test]
+    fn denied_names_the_key_as_a_token_first() {
+        let Response::Err(e) = denied(b"a key\n", "no read permission") else {
+            panic!("not an error");
+        };
+        assert_eq!(e.code, ErrorCode::Denied);
+        assert_eq!(e.message, "\"a key\\n\" no read permission");
+        let first = token::split(e.message.as_bytes()).expect("splits")[0].clone();
+        assert_eq!(first, Bytes::from("a key\n"));
+    }
+}
