@@ -138,9 +138,8 @@ impl Gate {
     /// The refusal of `req` before it runs, if any: `NOAUTH` before a successful `AUTH`, or
     /// `DENIED` for a key outside the user's grants or an admin command without the right.
     pub(super) fn refuse(&self, req: &Request) -> Option<Refusal> {
-        if self.auth.users.is_none() {
-            return None;
-        }
+        // Without users there is nothing to check.
+        self.auth.users.as_ref()?;
         let Some(user) = &self.user else {
             return match req {
                 Request::Auth { .. } | Request::Ping | Request::Quit => None,
