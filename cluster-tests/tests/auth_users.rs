@@ -466,3 +466,80 @@ fn dtkv_admin_adds_lists_replaces_and_deletes_users_without_showing_hashes() {
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// Sends SIGHUP to the kvstore and waits until its log has one more line containing `what`.
+async fn sighup_and_wait(sys: &System, what: &str) {
+    let kv = sys.kv.as_ref().expect("kvstore");
+    let count = || {
+        std::fs::read_to_string(&kv.log)
+            .unwrap_or_default()
+            .matches(what)
+            .count()
+    };
+    let before = count();
+    let pid = kv.pid().expect("running");
+    let sent = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    cluster_tests::wait_until(
+        std::time::Duration::from_secs(20),
+        &format!("the kvstore to log {what:?}"),
+        || async { count() > before },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_reloads_the_users_and_each_connection_sees_it_at_its_next_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sys = system_with_users(dir.path(), &[]).await;
+    let users = dir.path().join("users");
+    let mut a = cluster_tests::connect(sys.kv_addr, Some(&app()))
+        .await
+        .expect("app");
+    let mut r = sys.connect().await.expect("root");
+    assert_eq!(call(&mut a, "PUT app:1 x").await, "OK");
+    assert_eq!(call(&mut r, "PUT k 1").await, "OK");
+
+    // app removed; root keeps its password (the hash untouched) but may now only read.
+    ok(admin_tool(
+        &[
+            "user",
+            "del",
+            "app",
+            "--users",
+            users.to_str().expect("utf-8"),
+        ],
+        None,
+    ));
+    let text = std::fs::read_to_string(&users).expect("users");
+    assert!(text.contains("admin readwrite \"\""), "{text}");
+    std::fs::write(
+        &users,
+        text.replace("admin readwrite \"\"", "admin read \"\""),
+    )
+    .expect("edit");
+    sighup_and_wait(&sys, "SIGHUP: reloaded 1 users").await;
+    assert_eq!(
+        call(&mut a, "GET app:1").await,
+        "ERR NOAUTH authentication required",
+        "a removed user's connection must AUTH again"
+    );
+    assert_eq!(
+        call(&mut a, "AUTH app \"app pw\"").await,
+        "ERR WRONGPASS invalid username or password"
+    );
+    assert_eq!(
+        call(&mut r, "PUT k 2").await,
+        "ERR DENIED k no write permission"
+    );
+    assert_eq!(call(&mut r, "GET k").await, "VALUE 1");
+
+    // A file that does not load keeps the users loaded before.
+    std::fs::write(&users, "user root nohash\n").expect("corrupt");
+    sighup_and_wait(&sys, "SIGHUP: reloading --users failed").await;
+    let mut again = sys.connect().await.expect("root still logs in");
+    assert_eq!(call(&mut again, "GET k").await, "VALUE 1");
+}

@@ -77,7 +77,8 @@ struct Args {
     max_line: usize,
     /// The users file (see docs/operations.md; made with `dtkv-admin user add`). With it,
     /// clients must `AUTH` and get only the keys their grants allow; without it, the kvstore
-    /// serves loopback clients only (protected mode) unless --no-protected-mode.
+    /// serves loopback clients only (protected mode) unless --no-protected-mode. Reloaded on
+    /// SIGHUP (a file that does not load is logged and the old users stay).
     #[arg(long)]
     users: Option<std::path::PathBuf>,
     /// Close a connection at its Nth failed AUTH.
@@ -135,6 +136,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "--log needs at least one logserver address"
     );
     let auth = Arc::new(client_auth(&args).await?);
+    #[cfg(unix)]
+    if let (Some(path), Some(_)) = (&args.users, &auth.users) {
+        // Registered before serving, so no SIGHUP after the first client can kill the process.
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(reload_on_sighup(hup, path.clone(), auth.clone()));
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -250,6 +258,38 @@ async fn client_auth(args: &Args) -> anyhow::Result<ClientAuth> {
         )),
         protected: !args.no_protected_mode,
     })
+}
+
+/// Reloads `--users` on every SIGHUP. A file that does not load is logged and the users
+/// loaded before stay, so a typo never locks everyone out (or in).
+#[cfg(unix)]
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    path: std::path::PathBuf,
+    auth: Arc<ClientAuth>,
+) {
+    let Some(config) = &auth.users else { return };
+    while hup.recv().await.is_some() {
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let users = Users::load(&p)?;
+            users.prepare();
+            Ok::<_, kvstore::users::UsersError>(users)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(users)) => {
+                let n = users.len();
+                config.replace_users(Arc::new(users));
+                tracing::info!("SIGHUP: reloaded {n} users from {}", path.display());
+            }
+            Ok(Err(e)) => tracing::error!(
+                "SIGHUP: reloading --users failed, keeping the {} users loaded before: {e}",
+                config.users().len()
+            ),
+            Err(e) => tracing::error!("SIGHUP: reloading --users failed: {e}"),
+        }
+    }
 }
 
 /// `--checkpoint-ratio`: a finite number from 0 to 100 (an infinite or NaN ratio would stop

@@ -189,6 +189,7 @@ impl Session {
         if !matches!(req, Request::Put { .. } | Request::Del { .. }) {
             cx.settle().await;
         }
+        self.gate.refresh();
         // No session with users but no AUTH can have a transaction, so NOAUTH comes first.
         if self.gate.user.is_none() {
             if let Some(Refusal::Read(r)) = self.gate.refuse(&req) {

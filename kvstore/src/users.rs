@@ -246,6 +246,11 @@ impl User {
         }
     }
 
+    /// Whether `other` has the same password hash (after a reload: the same password).
+    pub fn same_password(&self, other: &User) -> bool {
+        self.hash == other.hash
+    }
+
     /// Whether `password` is this user's (one argon2 verify: tens of ms with the default
     /// parameters; call it off the async runtime).
     pub fn check_password(&self, password: &[u8]) -> bool {
@@ -429,6 +434,11 @@ impl Users {
     /// The user named `name`.
     pub fn get(&self, name: &str) -> Option<&User> {
         self.users.get(name).map(|u| &**u)
+    }
+
+    /// The user named `name`, shared.
+    pub fn get_arc(&self, name: &str) -> Option<Arc<User>> {
+        self.users.get(name).cloned()
     }
 
     /// Adds `user`; one of that name already there is an error unless `replace`.

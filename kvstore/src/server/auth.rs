@@ -11,6 +11,10 @@
 //! - **Password checks never run on the runtime thread**: each is one argon2 verify on a
 //!   blocking thread, at most [`AuthConfig::verifies`] at once server-wide, so a flood of
 //!   `AUTH`s delays other `AUTH`s, not commits.
+//! - **A reload (SIGHUP) reaches every connection at its next command**: the users carry a
+//!   generation; a session whose user is gone or has a new password hash is back to
+//!   unauthenticated, and one whose grants changed gets the new ones. (A transaction's
+//!   buffered writes were checked when they arrived.)
 //! - **Guessing is slow and bounded per connection**: a failed `AUTH` is answered only after
 //!   `--auth-fail-delay-ms`, is logged (user name and peer, never the password), and the
 //!   `--max-auth-failures`th failure on a connection closes it. Failures are never forgiven
@@ -19,7 +23,8 @@
 
 use bytes::Bytes;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Semaphore;
 
@@ -50,8 +55,10 @@ fn is_loopback(ip: IpAddr) -> bool {
 /// The users and the `AUTH` limits (`--users`, `--max-auth-failures`, `--auth-fail-delay-ms`).
 #[derive(Debug)]
 pub struct AuthConfig {
-    /// The users file's users.
-    pub users: Arc<Users>,
+    /// The users file's users, replaced whole by a reload.
+    users: RwLock<Arc<Users>>,
+    /// Bumped by every reload, so sessions notice cheaply.
+    generation: AtomicU64,
     /// After this many failed `AUTH`s a connection is closed.
     pub max_failures: u32,
     /// How long a failed `AUTH` waits before it is answered.
@@ -69,11 +76,28 @@ impl AuthConfig {
         verifies: usize,
     ) -> AuthConfig {
         AuthConfig {
-            users,
+            users: RwLock::new(users),
+            generation: AtomicU64::new(0),
             max_failures: max_failures.max(1),
             fail_delay,
             verifies: Arc::new(Semaphore::new(verifies.max(1))),
         }
+    }
+
+    /// The users now.
+    pub fn users(&self) -> Arc<Users> {
+        self.users.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the users (a reload of the file); every session re-checks its user at its
+    /// next command.
+    pub fn replace_users(&self, users: Arc<Users>) {
+        *self.users.write().unwrap_or_else(|p| p.into_inner()) = users;
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Password checks at once by default: half the cores, at least 1 and at most 2, so
@@ -105,6 +129,8 @@ pub(super) struct Gate {
     pub(super) auth: Arc<ClientAuth>,
     /// Who the connection is, once an `AUTH` succeeded.
     pub(super) user: Option<Arc<User>>,
+    /// The users' generation `user` was taken from.
+    generation: u64,
     /// Failed `AUTH`s on this connection.
     pub(super) failures: u32,
     /// The client's address, for the log.
@@ -130,8 +156,33 @@ impl Gate {
         Gate {
             auth,
             user: None,
+            generation: 0,
             failures: 0,
             peer,
+        }
+    }
+
+    /// After a reload: the session's user as the new users have it, or no user (it must
+    /// `AUTH` again) if it is gone or its password changed.
+    pub(super) fn refresh(&mut self) {
+        let (Some(config), Some(user)) = (&self.auth.users, &self.user) else {
+            return;
+        };
+        let now = config.generation();
+        if now == self.generation {
+            return;
+        }
+        self.generation = now;
+        match config.users().get_arc(user.name()) {
+            Some(u) if u.same_password(user) => self.user = Some(u),
+            _ => {
+                tracing::info!(
+                    "{:?}: user {} was removed or its password changed: the connection must AUTH again",
+                    self.peer,
+                    user.name()
+                );
+                self.user = None;
+            }
         }
     }
 
@@ -181,9 +232,12 @@ impl Gate {
         user: Bytes,
         password: Bytes,
     ) -> AuthOutcome {
+        // The generation before the users: a reload in between makes the next command
+        // refresh the user, never miss the reload.
+        let generation = config.generation();
         let found = match config.verifies.clone().acquire_owned().await {
             Ok(permit) => {
-                let users = config.users.clone();
+                let users = config.users();
                 let name = user.clone();
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
@@ -203,6 +257,7 @@ impl Gate {
             Ok(Some(u)) => {
                 tracing::debug!("{:?}: authenticated as {}", self.peer, u.name());
                 self.user = Some(u);
+                self.generation = generation;
                 AuthOutcome::Answer(Response::ok())
             }
             Ok(None) => {
