@@ -502,6 +502,8 @@ async fn a_sighup_reloads_the_users_and_each_connection_sees_it_at_its_next_comm
     let mut r = sys.connect().await.expect("root");
     assert_eq!(call(&mut a, "PUT app:1 x").await, "OK");
     assert_eq!(call(&mut r, "PUT k 1").await, "OK");
+    assert_eq!(call(&mut a, "BEGIN").await.split(' ').next(), Some("OK"));
+    assert_eq!(call(&mut a, "PUT app:t 1").await, "OK");
 
     // app removed; root keeps its password (the hash untouched) but may now only read.
     ok(admin_tool(
@@ -528,6 +530,10 @@ async fn a_sighup_reloads_the_users_and_each_connection_sees_it_at_its_next_comm
         "a removed user's connection must AUTH again"
     );
     assert_eq!(
+        call(&mut a, "COMMIT").await,
+        "ERR NOAUTH authentication required"
+    );
+    assert_eq!(
         call(&mut a, "AUTH app \"app pw\"").await,
         "ERR WRONGPASS invalid username or password"
     );
@@ -536,6 +542,33 @@ async fn a_sighup_reloads_the_users_and_each_connection_sees_it_at_its_next_comm
         "ERR DENIED k no write permission"
     );
     assert_eq!(call(&mut r, "GET k").await, "VALUE 1");
+    assert_eq!(
+        call(&mut r, "GET app:t").await,
+        "NIL",
+        "the dropped transaction wrote nothing"
+    );
+
+    // Back again (a new hash): the connection logs in anew, its old transaction gone.
+    ok(admin_tool(
+        &[
+            "user",
+            "add",
+            "app",
+            "--users",
+            users.to_str().expect("utf-8"),
+            "--readwrite",
+            "app:",
+        ],
+        Some("app pw"),
+    ));
+    sighup_and_wait(&sys, "SIGHUP: reloaded 2 users").await;
+    assert_eq!(call(&mut a, "AUTH app \"app pw\"").await, "OK");
+    assert_eq!(
+        call(&mut a, "BEGIN").await.split(' ').next(),
+        Some("OK"),
+        "no transaction was left open"
+    );
+    assert_eq!(call(&mut a, "ABORT").await, "OK");
 
     // A file that does not load keeps the users loaded before.
     std::fs::write(&users, "user root nohash\n").expect("corrupt");

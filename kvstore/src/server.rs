@@ -189,7 +189,12 @@ impl Session {
         if !matches!(req, Request::Put { .. } | Request::Del { .. }) {
             cx.settle().await;
         }
-        self.gate.refresh();
+        if self.gate.refresh() {
+            // Back to unauthenticated: the session is as new. Its transaction goes (nothing of
+            // it was written), or it could neither end it (NOAUTH) nor AUTH (TXN_ACTIVE).
+            self.end_txn();
+            self.aborted = None;
+        }
         // No session with users but no AUTH can have a transaction, so NOAUTH comes first.
         if self.gate.user.is_none() {
             if let Some(Refusal::Read(r)) = self.gate.refuse(&req) {

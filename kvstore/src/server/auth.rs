@@ -163,18 +163,21 @@ impl Gate {
     }
 
     /// After a reload: the session's user as the new users have it, or no user (it must
-    /// `AUTH` again) if it is gone or its password changed.
-    pub(super) fn refresh(&mut self) {
+    /// `AUTH` again) if it is gone or its password changed. True if it lost its user.
+    pub(super) fn refresh(&mut self) -> bool {
         let (Some(config), Some(user)) = (&self.auth.users, &self.user) else {
-            return;
+            return false;
         };
         let now = config.generation();
         if now == self.generation {
-            return;
+            return false;
         }
         self.generation = now;
         match config.users().get_arc(user.name()) {
-            Some(u) if u.same_password(user) => self.user = Some(u),
+            Some(u) if u.same_password(user) => {
+                self.user = Some(u);
+                false
+            }
             _ => {
                 tracing::info!(
                     "{:?}: user {} was removed or its password changed: the connection must AUTH again",
@@ -182,6 +185,7 @@ impl Gate {
                     user.name()
                 );
                 self.user = None;
+                true
             }
         }
     }
