@@ -346,6 +346,110 @@ mod tests {
         }
     }
 
+    fn request(line: &str) -> Request {
+        Request::parse(line.as_bytes())
+            .expect("parses")
+            .expect("not blank")
+    }
+
+    /// The refusal of `line` as the gate words it: `None`, the reply line, or `write <key>`.
+    fn refusal(gate: &Gate, line: &str) -> Option<String> {
+        gate.refuse(&request(line)).map(|r| match r {
+            Refusal::Read(r) => String::from_utf8_lossy(&r.to_line()).into_owned(),
+            Refusal::Write(k) => format!("write {}", token::display(&k)),
+        })
+    }
+
+    #[test]
+    fn the_gate_lets_only_auth_ping_and_quit_through_before_auth_and_then_what_the_grants_allow() {
+        use crate::users::{Access, Grant};
+        let cheap = argon2::Params::new(8, 1, 1, None).expect("params");
+        let grants = vec![
+            Grant::new("app:", Access::ReadWrite),
+            Grant::new("in:", Access::Write),
+        ];
+        let app = User::with_params("app", b"pw", grants, false, cheap.clone()).expect("user");
+        let root = User::with_params("root", b"pw", vec![], true, cheap).expect("user");
+        let mut users = Users::new();
+        users.add(app, false).expect("new");
+        users.add(root, false).expect("new");
+        let users = Arc::new(users);
+        let auth = Arc::new(ClientAuth {
+            users: Some(AuthConfig::new(users.clone(), 5, Duration::ZERO, 1)),
+            protected: true,
+        });
+        let mut gate = Gate::new(auth, None);
+        for line in ["AUTH a b", "PING", "QUIT"] {
+            assert_eq!(refusal(&gate, line), None, "{line}");
+        }
+        for line in [
+            "GET app:1",
+            "PUT app:1 v",
+            "BEGIN",
+            "COMMIT",
+            "ABORT",
+            "STATUS",
+            "HOPS",
+            "SCAN a b",
+        ] {
+            assert_eq!(
+                refusal(&gate, line).as_deref(),
+                Some("ERR NOAUTH authentication required"),
+                "{line}"
+            );
+        }
+        gate.user = users.get_arc("app");
+        for line in [
+            "GET app:1",
+            "PUT app:1 v",
+            "DEL app:1",
+            "PUT in:1 v",
+            "SCAN app: app;",
+            "BEGIN",
+            "COMMIT",
+            "ABORT",
+        ] {
+            assert_eq!(refusal(&gate, line), None, "{line}");
+        }
+        assert_eq!(
+            refusal(&gate, "GET in:1").as_deref(),
+            Some("ERR DENIED in:1 no read permission")
+        );
+        assert_eq!(
+            refusal(&gate, "PUT other v").as_deref(),
+            Some("write other")
+        );
+        assert_eq!(refusal(&gate, "DEL other").as_deref(), Some("write other"));
+        assert_eq!(
+            refusal(&gate, "SCAN app: b").as_deref(),
+            Some("ERR DENIED app; no read permission (SCAN needs it on the whole range)")
+        );
+        assert_eq!(
+            refusal(&gate, "STATUS").as_deref(),
+            Some("ERR DENIED STATUS needs the admin right")
+        );
+        assert_eq!(
+            refusal(&gate, "HOPS").as_deref(),
+            Some("ERR DENIED HOPS needs the admin right")
+        );
+        gate.user = users.get_arc("root");
+        assert_eq!(refusal(&gate, "STATUS"), None);
+        assert_eq!(
+            refusal(&gate, "GET app:1").as_deref(),
+            Some("ERR DENIED app:1 no read permission"),
+            "admin is no key right"
+        );
+
+        let open = Gate::new(Arc::new(ClientAuth::default()), None);
+        for line in ["GET x", "PUT x v", "STATUS", "SCAN \"\" z"] {
+            assert_eq!(
+                refusal(&open, line),
+                None,
+                "without users nothing is checked: {line}"
+            );
+        }
+    }
+
     #[test]
     fn denied_names_the_key_as_a_token_first() {
         let Response::Err(e) = denied(b"a key\n", "no read permission") else {
