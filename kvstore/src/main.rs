@@ -146,6 +146,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    if auth.users.is_none() && auth.protected && !local.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            "listening on {local} in protected mode: clients from other hosts will be refused \
+             until users are configured (--users)"
+        );
+    }
     let engine = Engine::start(Config {
         sequencer: args.sequencer.clone(),
         log,
