@@ -576,3 +576,78 @@ async fn a_sighup_reloads_the_users_and_each_connection_sees_it_at_its_next_comm
     let mut again = sys.connect().await.expect("root still logs in");
     assert_eq!(call(&mut again, "GET k").await, "VALUE 1");
 }
+
+/// An address of this host that is not loopback (the one it would route outwards from), if
+/// it has one: connecting to it from here makes a connection whose peer is not loopback.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    // A UDP connect only picks a route and a source address; nothing is sent. (Documentation
+    // and private addresses: whichever this host has a route to.)
+    ["10.255.255.255:9", "198.51.100.1:9", "172.31.255.255:9"]
+        .into_iter()
+        .find_map(|target| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            s.connect(target).ok()?;
+            let ip = s.local_addr().ok()?.ip();
+            (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protected_mode_refuses_a_client_from_another_address_and_no_protected_mode_serves_it() {
+    let Some(ip) = non_loopback_address() else {
+        eprintln!("skipped: this host has no non-loopback address to connect from");
+        return;
+    };
+    let log = cluster_tests::LogCluster::start(&[]).await;
+    let sys = System::assemble(log, &[]).await;
+    let port = cluster_tests::free_port();
+    let remote = std::net::SocketAddr::new(ip, port);
+    let loopback = cluster_tests::local(port);
+    for (extra, protected) in [(None, true), (Some("--no-protected-mode"), false)] {
+        let mut args = vec![
+            "--listen".to_string(),
+            format!("0.0.0.0:{port}"),
+            "--sequencer".into(),
+            sys.kv_seq_route.clone(),
+            "--log".into(),
+            sys.kv_log_route.join(","),
+        ];
+        args.extend(extra.map(str::to_string));
+        let log_file = sys.log.dir.path().join(format!("kvstore-{protected}.log"));
+        let mut kv = cluster_tests::Proc::spawn("kvstore", &args, &log_file);
+        cluster_tests::wait_ready(loopback, &mut kv, std::time::Duration::from_secs(20)).await;
+        cluster_tests::wait_serving(loopback, &mut kv).await;
+        let mut c = Client::connect(remote).await.expect("connect");
+        let first = call(&mut c, "GET k").await;
+        if protected {
+            assert!(
+                first.starts_with(
+                    "ERR DENIED protected mode: no users are configured, so only loopback clients are served"
+                ),
+                "{first}"
+            );
+            assert!(first.ends_with("(see docs/operations.md)"), "{first}");
+            assert!(matches!(
+                c.recv().await,
+                Err(ClientError::Closed | ClientError::Io(_))
+            ));
+            let text = std::fs::read_to_string(&log_file).expect("log");
+            assert!(
+                text.contains("in protected mode: clients from other hosts will be refused"),
+                "{text}"
+            );
+        } else {
+            assert_eq!(first, "NIL", "--no-protected-mode serves {remote}");
+            let text = std::fs::read_to_string(&log_file).expect("log");
+            assert!(
+                text.contains("--no-protected-mode without --users"),
+                "{text}"
+            );
+        }
+        // The loopback client is served either way.
+        let mut l = Client::connect(loopback).await.expect("connect");
+        assert_eq!(call(&mut l, "GET k").await, "NIL");
+        // One kvstore writes at a time: stop this one before the next takes the log.
+        kv.kill9();
+    }
+}
