@@ -16,7 +16,7 @@ pub mod loadgen;
 mod system;
 pub mod workload;
 
-pub use system::{wait_serving, LogCluster, Replica, System};
+pub use system::{wait_serving, wait_serving_as, LogCluster, Replica, System};
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -285,9 +285,63 @@ impl Sequencer {
     }
 }
 
+/// A kvstore user's credentials, for a test or load generator on a kvstore with `--users`:
+/// [`connect`] sends `AUTH` with them right after connecting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auth {
+    /// The user name.
+    pub user: String,
+    /// The password.
+    pub password: String,
+}
+
+impl Auth {
+    /// Credentials of `user` with `password`.
+    pub fn new(user: &str, password: &str) -> Auth {
+        Auth {
+            user: user.to_string(),
+            password: password.to_string(),
+        }
+    }
+
+    /// Sends `AUTH` on `c`: `Ok` once the server answered `OK`.
+    pub async fn login(&self, c: &mut protocol::Client) -> protocol::client::Result<()> {
+        let req = protocol::kv::Request::Auth {
+            user: self.user.clone().into(),
+            password: protocol::kv::Password(self.password.clone().into()),
+        };
+        match c.call_ok(&req.encode()).await? {
+            protocol::Response::Ok(_) => Ok(()),
+            r => Err(protocol::client::ClientError::Unexpected(r)),
+        }
+    }
+}
+
+/// Connects to `addr` and, with `auth`, authenticates (the one way tests and load generators
+/// should open kvstore connections, so turning users on for a test is one argument).
+pub async fn connect(
+    addr: SocketAddr,
+    auth: Option<&Auth>,
+) -> protocol::client::Result<protocol::Client> {
+    let mut c = protocol::Client::connect(addr).await?;
+    if let Some(a) = auth {
+        a.login(&mut c).await?;
+    }
+    Ok(c)
+}
+
 /// Parses a `STATUS` reply into key/value pairs.
 pub async fn status(addr: SocketAddr) -> Option<std::collections::HashMap<String, String>> {
-    let mut c = tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(addr))
+    status_as(addr, None).await
+}
+
+/// [`status`] after `AUTH` with `auth` (a kvstore with `--users` answers `STATUS` only to an
+/// admin).
+pub async fn status_as(
+    addr: SocketAddr,
+    auth: Option<&Auth>,
+) -> Option<std::collections::HashMap<String, String>> {
+    let mut c = tokio::time::timeout(Duration::from_secs(1), connect(addr, auth))
         .await
         .ok()?
         .ok()?;

@@ -241,6 +241,9 @@ pub struct System {
     pub kv_seq_route: String,
     /// The log replicas' addresses as the kvstore is told them.
     pub kv_log_route: Vec<String>,
+    /// An admin user of the kvstore's `--users` file, if it has one: the harness's own
+    /// `STATUS` (readiness) logs in with it, and tests can [`System::connect`] as it.
+    pub kv_auth: Option<crate::Auth>,
     kv_starts: usize,
 }
 
@@ -248,10 +251,22 @@ impl System {
     /// Starts a log cluster, a sequencer and a kvstore with `kv_extra`, and waits until the kvstore
     /// serves.
     pub async fn start(kv_extra: &[&str]) -> System {
+        System::start_as(kv_extra, None).await
+    }
+
+    /// [`System::start`] for a kvstore with users (`kv_extra` holds its `--users FILE`):
+    /// `admin` is a user of that file with the admin right, for the harness's `STATUS`.
+    pub async fn start_as(kv_extra: &[&str], admin: Option<crate::Auth>) -> System {
         let log = LogCluster::start(&[]).await;
         let mut s = System::assemble(log, kv_extra).await;
+        s.kv_auth = admin;
         s.start_kv().await;
         s
+    }
+
+    /// A connection to the kvstore, logged in as [`System::kv_auth`] if that is set.
+    pub async fn connect(&self) -> protocol::client::Result<protocol::Client> {
+        crate::connect(self.kv_addr, self.kv_auth.as_ref()).await
     }
 
     /// A sequencer next to a running log cluster; the kvstore is not started yet.
@@ -267,6 +282,7 @@ impl System {
             kv: None,
             kv_addr: local(free_port()),
             kv_extra: kv_extra.iter().map(|s| s.to_string()).collect(),
+            kv_auth: None,
             kv_starts: 0,
         }
     }
@@ -295,7 +311,7 @@ impl System {
             .join(format!("kvstore-{}.log", self.kv_starts));
         let mut p = Proc::spawn("kvstore", &self.kv_args(addr), &log);
         wait_ready(addr, &mut p, Duration::from_secs(20)).await;
-        wait_serving(addr, &mut p).await;
+        wait_serving_as(addr, &mut p, self.kv_auth.as_ref()).await;
         p
     }
 
@@ -339,9 +355,14 @@ impl System {
 
 /// Waits until a kvstore reports `state=serving` (it replays the log first).
 pub async fn wait_serving(addr: SocketAddr, p: &mut Proc) {
+    wait_serving_as(addr, p, None).await
+}
+
+/// [`wait_serving`] for a kvstore with users: asks `STATUS` as `auth` (an admin).
+pub async fn wait_serving_as(addr: SocketAddr, p: &mut Proc, auth: Option<&crate::Auth>) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(s) = status(addr).await {
+        if let Some(s) = crate::status_as(addr, auth).await {
             if s.get("state").map(String::as_str) == Some("serving") {
                 return;
             }

@@ -11,7 +11,8 @@
 //! - [`lifecycle`]: starting, replaying, serving or fenced; the epoch and the applied index,
 //!   shared by the engine and the follower.
 //! - [`limits`]: per-transaction and server-wide limits on buffered writes and snapshot age.
-//! - [`server`]: sessions and the DKSP commands.
+//! - [`server`]: sessions and the DKSP commands, `AUTH` and the permission checks.
+//! - [`users`]: the users file (`--users`): password hashes, key-prefix grants, the admin right.
 
 #![warn(missing_docs)]
 
@@ -22,3 +23,4 @@ pub mod limits;
 pub mod mvcc;
 pub mod record;
 pub mod server;
+pub mod users;

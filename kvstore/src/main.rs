@@ -12,6 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use kvstore::engine::{Config, Engine};
 use kvstore::limits::{Budget, Limits};
+use kvstore::server::{AuthConfig, ClientAuth};
+use kvstore::users::Users;
 use std::sync::Arc;
 
 /// The dtkv kvstore: MVCC transactions with snapshot isolation over DKSP. It keeps no durable
@@ -73,6 +75,22 @@ struct Args {
     /// Longest request line accepted, in bytes.
     #[arg(long, default_value_t = protocol::DEFAULT_MAX_LINE)]
     max_line: usize,
+    /// The users file (see docs/operations.md; made with `dtkv-admin user add`). With it,
+    /// clients must `AUTH` and get only the keys their grants allow; without it, the kvstore
+    /// serves loopback clients only (protected mode) unless --no-protected-mode. Reloaded on
+    /// SIGHUP (a file that does not load is logged and the old users stay).
+    #[arg(long)]
+    users: Option<std::path::PathBuf>,
+    /// Close a connection at its Nth failed AUTH.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    max_auth_failures: u32,
+    /// Answer a failed AUTH only after this many milliseconds, to slow down guessing.
+    #[arg(long, default_value_t = 250)]
+    auth_fail_delay_ms: u64,
+    /// With no --users, serve clients from any address, not only loopback: an open store,
+    /// for a trusted network only.
+    #[arg(long)]
+    no_protected_mode: bool,
     #[command(flatten)]
     conn: protocol::server::ConnArgs,
     /// Do not follow the log with TAIL. A newer kvstore taking over is then noticed only at
@@ -129,9 +147,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "in plain TCP"
         }
     );
+    let auth = Arc::new(client_auth(&args).await?);
+    #[cfg(unix)]
+    if let (Some(path), Some(_)) = (&args.users, &auth.users) {
+        // Registered before serving, so no SIGHUP after the first client can kill the process.
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        tokio::spawn(reload_on_sighup(hup, path.clone(), auth.clone()));
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
+    let local = listener.local_addr()?;
+    if auth.users.is_none() && auth.protected && !local.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            "listening on {local} in protected mode: clients from other hosts will be refused \
+             until users are configured (--users)"
+        );
+    }
     let engine = Engine::start(Config {
         sequencer: args.sequencer.clone(),
         log,
@@ -173,7 +206,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         opts,
         shutdown.clone(),
         move |conn, token| {
-            kvstore::server::handle(conn, serving_engine.clone(), limits.clone(), token)
+            kvstore::server::handle(
+                conn,
+                serving_engine.clone(),
+                limits.clone(),
+                auth.clone(),
+                token,
+            )
         },
     ));
     // A recovery that cannot succeed stops the process with its reason (one line).
@@ -190,6 +229,91 @@ async fn run(args: Args) -> anyhow::Result<()> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// `--users` and protected mode: who may use the kvstore. Loads and checks the users file
+/// (a bad file stops the start, naming the line), and says at start which mode it runs in.
+async fn client_auth(args: &Args) -> anyhow::Result<ClientAuth> {
+    let Some(path) = &args.users else {
+        if args.no_protected_mode {
+            tracing::warn!(
+                "--no-protected-mode without --users: ANY client that can reach {} may read \
+                 and write every key; use this on a trusted network only",
+                args.listen
+            );
+        } else {
+            tracing::info!(
+                "protected mode: no users are configured (--users), so only loopback clients \
+                 are served (see docs/operations.md)"
+            );
+        }
+        return Ok(ClientAuth {
+            users: None,
+            protected: !args.no_protected_mode,
+        });
+    };
+    let users = Users::load(path).context("loading --users")?;
+    if users.is_empty() {
+        tracing::warn!(
+            "{} has no users: no client can AUTH, so no command but PING will work",
+            path.display()
+        );
+    }
+    let users = Arc::new(users);
+    // The dummy hash for unknown names, made now so the first such AUTH is not slower.
+    let prepared = users.clone();
+    tokio::task::spawn_blocking(move || prepared.prepare())
+        .await
+        .context("preparing the password checker")?;
+    tracing::info!(
+        "{} users from {}; clients must AUTH (at most {} failures per connection, {} ms \
+         delay after each)",
+        users.len(),
+        path.display(),
+        args.max_auth_failures,
+        args.auth_fail_delay_ms
+    );
+    Ok(ClientAuth {
+        users: Some(AuthConfig::new(
+            users,
+            args.max_auth_failures,
+            Duration::from_millis(args.auth_fail_delay_ms),
+            AuthConfig::default_verifies(),
+        )),
+        protected: !args.no_protected_mode,
+    })
+}
+
+/// Reloads `--users` on every SIGHUP. A file that does not load is logged and the users
+/// loaded before stay, so a typo never locks everyone out (or in).
+#[cfg(unix)]
+async fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    path: std::path::PathBuf,
+    auth: Arc<ClientAuth>,
+) {
+    let Some(config) = &auth.users else { return };
+    while hup.recv().await.is_some() {
+        let p = path.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let users = Users::load(&p)?;
+            users.prepare();
+            Ok::<_, kvstore::users::UsersError>(users)
+        })
+        .await;
+        match loaded {
+            Ok(Ok(users)) => {
+                let n = users.len();
+                config.replace_users(Arc::new(users));
+                tracing::info!("SIGHUP: reloaded {n} users from {}", path.display());
+            }
+            Ok(Err(e)) => tracing::error!(
+                "SIGHUP: reloading --users failed, keeping the {} users loaded before: {e}",
+                config.users().len()
+            ),
+            Err(e) => tracing::error!("SIGHUP: reloading --users failed: {e}"),
+        }
+    }
 }
 
 /// `--checkpoint-ratio`: a finite number from 0 to 100 (an infinite or NaN ratio would stop

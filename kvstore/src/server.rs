@@ -23,6 +23,11 @@
 //!   buffers), a reader that does not read blocks only its own session, and a long scan yields
 //!   the (single) runtime thread between pages. Its snapshot is bounded by the same age limit.
 //!   (The paging is in `server/scan.rs`.)
+//! - **Who may do what is decided before a request runs** (`server/auth.rs`): protected mode
+//!   before the session exists, then `NOAUTH` until `AUTH` succeeds, then `DENIED` for a key
+//!   outside the user's grants (a denied write inside a transaction aborts it, as a write over
+//!   `--max-txn-bytes` does, so a pipelined `COMMIT` never commits the transaction without it;
+//!   a denied read is refused alone) and for `STATUS`/`HOPS` without the admin right.
 //! - One home per behaviour: [`Session::execute`] takes every request; `Session::write` alone
 //!   tells a transaction's buffered write from an autocommit one, and an autocommit write is a
 //!   blind submit, which has no snapshot and so no conflict to answer.
@@ -36,15 +41,18 @@ use tokio_util::sync::CancellationToken;
 use protocol::handler::{self, Cx, Flow, Handler};
 use protocol::hops::{self, Hop};
 use protocol::kv::Request;
-use protocol::{Connection, ErrorCode, Response, ServerError};
+use protocol::{token, Connection, ErrorCode, Response, ServerError};
 
 use crate::engine::{Engine, EngineError, Mode, Outcome};
 use crate::limits::Limits;
 use tokio::sync::oneshot;
 
+mod auth;
 mod scan;
 mod txn;
 
+pub use auth::{admits, AuthConfig, ClientAuth, PROTECTED_MESSAGE, WRONGPASS_MESSAGE};
+use auth::{AuthOutcome, Gate, Refusal};
 use txn::{write_size, Txn};
 
 /// Why a transaction was aborted under the client: the reason word `COMMIT` answers
@@ -65,6 +73,10 @@ pub struct Session {
     aborted: Option<Aborted>,
     /// When the last command arrived (blank and bad lines are not commands).
     last_command: Instant,
+    /// Who the connection is and what it may do.
+    gate: Gate,
+    /// Set when the connection must close after this request's reply (too many failed AUTHs).
+    closing: bool,
 }
 
 impl Drop for Session {
@@ -84,14 +96,21 @@ fn engine_err(e: EngineError) -> Response {
 }
 
 impl Session {
-    /// A session with no transaction open.
-    pub fn new(engine: Arc<Engine>, limits: Arc<Limits>) -> Session {
+    /// A session with no transaction open, for a client at `peer`, unauthenticated.
+    pub fn new(
+        engine: Arc<Engine>,
+        limits: Arc<Limits>,
+        auth: Arc<ClientAuth>,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Session {
         Session {
             engine,
             limits,
             txn: None,
             aborted: None,
             last_command: Instant::now(),
+            gate: Gate::new(auth, peer),
+            closing: false,
         }
     }
 
@@ -170,6 +189,19 @@ impl Session {
         if !matches!(req, Request::Put { .. } | Request::Del { .. }) {
             cx.settle().await;
         }
+        if self.gate.refresh() {
+            // Back to unauthenticated: the session is as new. Its transaction goes (nothing of
+            // it was written), or it could neither end it (NOAUTH) nor AUTH (TXN_ACTIVE).
+            self.end_txn();
+            self.aborted = None;
+        }
+        // No session with users but no AUTH can have a transaction, so NOAUTH comes first.
+        if self.gate.user.is_none() {
+            if let Some(Refusal::Read(r)) = self.gate.refuse(&req) {
+                cx.reply(r);
+                return Ok(());
+            }
+        }
         if let Some(a) = &self.aborted {
             // Never a write: the writes of an aborted transaction must not run as autocommit.
             let r = match req {
@@ -193,6 +225,18 @@ impl Session {
             };
             cx.reply(r);
             return Ok(());
+        }
+        match self.gate.refuse(&req) {
+            None => {}
+            Some(Refusal::Read(r)) => {
+                cx.reply(r);
+                return Ok(());
+            }
+            Some(Refusal::Write(key)) => {
+                let r = self.denied_write(&key);
+                cx.reply(r);
+                return Ok(());
+            }
         }
         let r = match req {
             Request::Put { key, value } => {
@@ -229,9 +273,49 @@ impl Session {
             },
             Request::Commit => self.commit().await,
             Request::Get { key } => self.get(key).await,
+            Request::Auth { user, password } => self.auth(user, password.0).await,
         };
         cx.reply(r);
         Ok(())
+    }
+
+    /// `AUTH`: refused without users and inside a transaction (its writes were checked
+    /// against the user it began as); otherwise one password check (see `server/auth.rs`).
+    async fn auth(&mut self, user: Bytes, password: Bytes) -> Response {
+        let auth = self.gate.auth.clone();
+        let Some(config) = &auth.users else {
+            return Response::err(
+                ErrorCode::Rejected,
+                "no users are configured (--users), so there is nothing to AUTH as",
+            );
+        };
+        if self.txn.is_some() {
+            return Response::err(
+                ErrorCode::TxnActive,
+                "AUTH inside a transaction; end it with COMMIT or ABORT first",
+            );
+        }
+        match self.gate.auth(config, user, password).await {
+            AuthOutcome::Answer(r) => r,
+            AuthOutcome::Close(r) => {
+                self.closing = true;
+                r
+            }
+        }
+    }
+
+    /// A `PUT`/`DEL` of a key the user may not write: refused, and inside a transaction the
+    /// transaction is aborted (see the module header).
+    fn denied_write(&mut self, key: &[u8]) -> Response {
+        if self.txn.is_none() {
+            return auth::denied(key, "no write permission");
+        }
+        let shown = token::display(key);
+        self.abort_txn("DENIED", format!("no write permission on {shown}"));
+        auth::denied(
+            key,
+            "no write permission; the transaction is aborted, end it with COMMIT or ABORT",
+        )
     }
 
     async fn begin(&mut self) -> Response {
@@ -535,16 +619,30 @@ impl Handler for Session {
     async fn dispatch(&mut self, req: Request, cx: &mut Cx<'_>) -> io::Result<Flow> {
         let quit = matches!(req, Request::Quit);
         self.execute(req, cx).await?;
-        Ok(if quit { Flow::Close } else { Flow::Continue })
+        Ok(if quit || self.closing {
+            Flow::Close
+        } else {
+            Flow::Continue
+        })
     }
 }
 
-/// Serves one connection until it closes, sends `QUIT`, or the server shuts down.
+/// Serves one connection until it closes, sends `QUIT`, or the server shuts down. A client
+/// protected mode refuses gets one `ERR DENIED` line and is closed.
 pub async fn handle(
-    conn: Connection,
+    mut conn: Connection,
     engine: Arc<Engine>,
     limits: Arc<Limits>,
+    auth: Arc<ClientAuth>,
     shutdown: CancellationToken,
 ) {
-    handler::run(conn, Session::new(engine, limits), shutdown).await
+    let peer = conn.peer_addr();
+    // A socket that no longer knows its peer is not known to be loopback.
+    if !peer.is_some_and(|p| auth.admits(p)) {
+        tracing::debug!("refusing {peer:?}: protected mode");
+        conn.write_response(&Response::err(ErrorCode::Denied, PROTECTED_MESSAGE));
+        let _ = conn.shutdown().await;
+        return;
+    }
+    handler::run(conn, Session::new(engine, limits, auth, peer), shutdown).await
 }

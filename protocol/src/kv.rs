@@ -51,6 +51,25 @@ pub enum Request {
     Hops,
     /// Answers `OK`, then the server closes the connection.
     Quit,
+    /// Authenticates the connection as `user`: `OK`, or `ERR WRONGPASS` (one message for an
+    /// unknown user and a wrong password).
+    Auth {
+        /// The user name.
+        user: Bytes,
+        /// The password, as sent (never shown by `Debug`).
+        password: Password,
+    },
+}
+
+/// A password as it arrived in `AUTH`. Its `Debug` does not show it, so no log line or test
+/// failure that prints a request prints a password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(pub Bytes);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(***)")
+    }
 }
 
 impl Request {
@@ -112,6 +131,13 @@ impl Request {
             "STATUS" => c.arity(0, 0, "STATUS").map(|_| Request::Status)?,
             "HOPS" => c.arity(0, 0, "HOPS").map(|_| Request::Hops)?,
             "QUIT" => c.arity(0, 0, "QUIT").map(|_| Request::Quit)?,
+            "AUTH" => {
+                c.arity(2, 2, "AUTH <user> <password>")?;
+                Request::Auth {
+                    user: c.args[0].clone(),
+                    password: Password(c.args[1].clone()),
+                }
+            }
             _ => return Err(c.unknown()),
         };
         Ok(Some(req))
@@ -143,6 +169,7 @@ impl Request {
             Request::Status => encode("STATUS", &none),
             Request::Hops => encode("HOPS", &none),
             Request::Quit => encode("QUIT", &none),
+            Request::Auth { user, password } => encode("AUTH", &[user, &password.0]),
         }
     }
 }
@@ -150,6 +177,29 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_takes_a_user_and_a_password_and_never_shows_the_password() {
+        let r = Request::parse(br#"auth alice "s3cret pass""#).unwrap();
+        let Some(r @ Request::Auth { .. }) = r else {
+            panic!("{r:?}");
+        };
+        assert_eq!(
+            r,
+            Request::Auth {
+                user: "alice".into(),
+                password: Password("s3cret pass".into()),
+            }
+        );
+        assert!(!format!("{r:?}").contains("s3cret"), "{r:?}");
+        assert_eq!(r.encode(), br#"AUTH alice "s3cret pass""#.to_vec());
+        assert_eq!(Request::parse(&r.encode()).unwrap(), Some(r));
+        for bad in ["AUTH", "AUTH alice", "AUTH a b c"] {
+            let e = err(bad);
+            assert_eq!(e.code, ErrorCode::Syntax, "{bad}");
+            assert!(e.message.contains("usage: AUTH <user> <password>"), "{e}");
+        }
+    }
 
     fn err(line: &str) -> ServerError {
         match Request::parse(line.as_bytes()) {

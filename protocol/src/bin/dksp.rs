@@ -301,7 +301,14 @@ fn interactive(link: Link, addr: &str) -> io::Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let _ = editor.add_history_entry(line.as_str());
+        // An `AUTH` line holds a password: it is sent, never written to ~/.dksp_history.
+        let is_auth = line
+            .split_whitespace()
+            .next()
+            .is_some_and(|v| v.eq_ignore_ascii_case("AUTH"));
+        if !is_auth {
+            let _ = editor.add_history_entry(line.as_str());
+        }
         if let Err(e) = to_server
             .write_all(line.as_bytes())
             .and_then(|_| to_server.write_all(b"\n"))
