@@ -17,10 +17,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+use protocol::kvlog::Checkpoint;
 use protocol::log::Request as LogRequest;
 use protocol::{ClientError, ErrorCode, LogClient, Response};
 
-use super::checkpoint::{connect_alongside, CheckpointData, CKPT_CHUNK, CKPT_WINDOW};
+use super::checkpoint::{connect_alongside, CKPT_CHUNK, CKPT_WINDOW};
 use super::error::{CheckpointError, GapError, RecoveryError};
 use super::Engine;
 use crate::lifecycle::{lock, Mode};
@@ -277,7 +278,7 @@ fn prefetch_pages(addrs: Vec<String>, from: u64) -> mpsc::Receiver<Page> {
 /// The latest checkpoint and its size in bytes, if there is one.
 async fn load_checkpoint(
     log: &mut LogClient,
-) -> Result<Option<(CheckpointData, u64)>, CheckpointError> {
+) -> Result<Option<(Checkpoint, u64)>, CheckpointError> {
     let Some(info) = log.checkpoint_info().await? else {
         return Ok(None);
     };
