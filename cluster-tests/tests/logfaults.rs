@@ -136,14 +136,23 @@ async fn a_checkpoint_upload_past_the_staging_limit_is_refused_and_a_new_upload_
     );
 
     // A new upload (offset 0) abandons the old one: its staged bytes are dropped.
-    assert_eq!(put_chunk(&mut log, 2, 0, 1000).await, staged(1000));
+    let ckpt = cluster_tests::kv_checkpoint(1, 1000);
+    let req = protocol::log::Request::CkptPut {
+        id: 2,
+        offset: 0,
+        data: Bytes::from(ckpt.clone()),
+    };
+    assert_eq!(
+        log.call_leader(&req.encode()).await.unwrap(),
+        staged(ckpt.len() as u64)
+    );
     let r = put_chunk(&mut log, 1, 1_000_000, 1000).await;
     assert_err(&r, ErrorCode::Rejected);
     let req = protocol::log::Request::CkptCommit {
         id: 2,
         index: 1,
-        len: 1000,
-        crc: crc32c::crc32c(&[b'x'; 1000]),
+        len: ckpt.len() as u64,
+        crc: crc32c::crc32c(&ckpt),
     };
     assert_eq!(
         log.call_leader(&req.encode()).await.unwrap(),

@@ -261,7 +261,7 @@ async fn wiped_replica_rejoins_through_a_snapshot_after_compaction() {
             .await
             .unwrap();
     }
-    let ckpt: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let ckpt = cluster_tests::kv_checkpoint(300, 300_000);
     checkpoint(&mut log, 1, 300, &ckpt).await;
     for seq in 401..=500u64 {
         log.append(b"c", seq, format!("p{seq}").as_bytes())

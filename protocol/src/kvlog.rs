@@ -155,6 +155,20 @@ pub struct Checkpoint {
     pub entries: Vec<(Bytes, u64, Bytes)>,
 }
 
+impl Checkpoint {
+    /// The checkpoint's bytes, as uploaded to the log.
+    pub fn encode(&self) -> Result<Vec<u8>, postcard::Error> {
+        postcard::to_stdvec(self)
+    }
+
+    /// The checkpoint in `bytes`, after [`check_checkpoint`] (so a checkpoint that loads is
+    /// exactly one the logserver would have accepted).
+    pub fn decode(bytes: &[u8]) -> Result<Checkpoint, CheckpointFormatError> {
+        check_checkpoint(bytes)?;
+        postcard::from_bytes(bytes).map_err(|e| CheckpointFormatError::Undecodable(e.to_string()))
+    }
+}
+
 /// What [`check_checkpoint`] found in a well-formed checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointHeader {

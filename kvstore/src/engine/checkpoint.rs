@@ -190,7 +190,7 @@ pub(crate) async fn start(e: &Arc<Engine>, ticket: Ticket, index: u64) {
         };
         // Encoding a large checkpoint takes a CPU for a while: keep it off the runtime's
         // threads, which serve clients and the committer meanwhile. The copy is freed there too.
-        let encoded = tokio::task::spawn_blocking(move || postcard::to_stdvec(&data)).await;
+        let encoded = tokio::task::spawn_blocking(move || data.encode()).await;
         let result = match encoded {
             Ok(Ok(bytes)) => upload_checkpoint(&e.cfg.log, index, &bytes).await,
             Ok(Err(err)) => Err(CheckpointError::Encode(err.to_string())),

@@ -327,7 +327,7 @@ async fn load_checkpoint(
         return Err(CheckpointError::Corrupt("checkpoint fails its CRC".into()));
     }
     tracing::info!("fetched checkpoint {id}: {len} bytes");
-    postcard::from_bytes(&data)
+    Checkpoint::decode(&data)
         .map(|ck| Some((ck, len)))
         .map_err(|e| CheckpointError::Corrupt(format!("undecodable checkpoint: {e}")))
 }
