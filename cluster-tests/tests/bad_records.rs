@@ -1,0 +1,106 @@
+//! Defence in depth (issue #19 item 4): a record in the log that no kvstore of this cluster
+//! wrote, appended straight to the logserver as the issue did, stops the kvstore with one line
+//! naming the record's log index, whether it meets the record while serving or while
+//! replaying after a restart, instead of applying it or retrying forever.
+
+use cluster_tests::{LogCluster, Proc, System};
+use protocol::{Client, LogClient};
+use std::time::Duration;
+
+/// Long enough for anything that is not a hang.
+const GENEROUS: Duration = Duration::from_secs(60);
+
+/// Waits for `p` to exit by itself and returns the last line it wrote (its stderr reason).
+fn exit_reason(p: &mut Proc) -> String {
+    let status = p
+        .wait_exit(GENEROUS)
+        .unwrap_or_else(|| panic!("the kvstore did not exit; log:\n{}", p.log_tail(30)));
+    assert!(!status.success(), "{status:?}");
+    let tail = p.log_tail(30);
+    assert!(!tail.contains("recovery failed, retrying"), "{tail}");
+    p.log_tail(1)
+}
+
+/// Starts a kvstore that is expected to stop by itself, logging to `name` in the system's dir.
+fn spawn_kv(sys: &System, name: &str) -> Proc {
+    let log = sys.log.dir.path().join(name);
+    Proc::spawn("kvstore", &sys.kv_args(sys.kv_addr), &log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_far_future_commit_stops_the_kvstore_naming_its_index_now_and_after_a_restart() {
+    let mut sys = System::start(&[]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.put("k", "v").await.unwrap();
+    // Well formed, so the logserver takes it; its timestamp was never handed out.
+    let mut log = LogClient::new(sys.log.addrs());
+    let forged = log
+        .append(b"forger", 1, b"COMMIT 18446744073709551000 1 PUT k forged")
+        .await
+        .unwrap();
+
+    // The running kvstore meets it in the gap before its next commit: that commit is not
+    // acknowledged, and the process stops naming the entry.
+    assert!(c.put("after", "x").await.is_err());
+    let mut kv = sys.kv.take().expect("the kvstore runs");
+    let reason = exit_reason(&mut kv);
+    assert!(
+        reason.contains(&format!("log index {forged}: COMMIT timestamp 18446744073709551000")),
+        "{reason}"
+    );
+
+    // Restarted, it stops at the same entry during replay.
+    let mut kv = spawn_kv(&sys, "kvstore-restarted.log");
+    let reason = exit_reason(&mut kv);
+    assert!(
+        reason.contains(&format!("recovery stopped at log index {forged}: COMMIT timestamp")),
+        "{reason}"
+    );
+    assert!(reason.contains("beyond every timestamp the sequencer has handed out"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_epoch_near_the_end_of_time_stops_the_kvstore_instead_of_fencing_it_for_good() {
+    let mut sys = System::start(&[]).await;
+    let mut log = LogClient::new(sys.log.addrs());
+    let forged = log
+        .append(b"forger", 1, b"EPOCH 18446744073709551615")
+        .await
+        .unwrap();
+    // The follower sees the EPOCH, fences, and the sequencer never handed it out: stop.
+    let mut kv = sys.kv.take().expect("the kvstore runs");
+    let reason = exit_reason(&mut kv);
+    assert!(
+        reason.contains(&format!("log index {forged}: EPOCH 18446744073709551615 is beyond")),
+        "{reason}"
+    );
+    let mut kv = spawn_kv(&sys, "kvstore-restarted.log");
+    let reason = exit_reason(&mut kv);
+    assert!(
+        reason.contains(&format!("recovery stopped at log index {forged}: EPOCH")),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_that_is_not_records_stops_a_restarted_kvstore_naming_its_index() {
+    // A log that takes any payload (as it did before it checked them), to show the kvstore's
+    // own line of defence.
+    let log = LogCluster::start(&["--any-payload"]).await;
+    let mut sys = System::assemble(log, &[]).await;
+    sys.start_kv().await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.put("k", "v").await.unwrap();
+    drop(c);
+    sys.kill_kv();
+    let mut log = LogClient::new(sys.log.addrs());
+    let junk = log.append(b"junk", 1, b"hello").await.unwrap();
+    let mut kv = spawn_kv(&sys, "kvstore-restarted.log");
+    let reason = exit_reason(&mut kv);
+    assert!(
+        reason.contains(&format!(
+            "recovery stopped at log index {junk}: the entry is not kvstore records (unknown record hello)"
+        )),
+        "{reason}"
+    );
+}
