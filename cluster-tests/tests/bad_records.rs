@@ -1,10 +1,14 @@
-//! Defence in depth (issue #19 item 4): a record in the log that no kvstore of this cluster
-//! wrote, appended straight to the logserver as the issue did, stops the kvstore with one line
-//! naming the record's log index, whether it meets the record while serving or while
+//! What the issue's forged requests do now (#19 items 4 and 5), even from a cluster member.
+//!
+//! The logserver refuses what the kvstore could not read: an `APPEND` that is not kvstore
+//! records, a `CKPT_COMMIT` of bytes that are not a kvstore checkpoint. A record that is well
+//! formed but was written by no kvstore of this cluster (a timestamp or epoch the sequencer never
+//! handed out), appended straight to the logserver as the issue did, stops the kvstore with one
+//! line naming the record's log index, whether it meets the record while serving or while
 //! replaying after a restart, instead of applying it or retrying forever.
 
 use cluster_tests::{LogCluster, Proc, System};
-use protocol::{Client, LogClient};
+use protocol::{Client, ErrorCode, LogClient, Response};
 use std::time::Duration;
 
 /// Long enough for anything that is not a hang.
@@ -103,4 +107,51 @@ async fn an_entry_that_is_not_records_stops_a_restarted_kvstore_naming_its_index
         )),
         "{reason}"
     );
+}
+
+fn refused(r: &Response) -> String {
+    match r {
+        Response::Err(e) if e.code == ErrorCode::Rejected => e.message.clone(),
+        r => panic!("expected ERR REJECTED, got {r:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_refuses_appends_and_checkpoints_the_kvstore_could_not_read() {
+    let c = LogCluster::start(&[]).await;
+    let leader = c.wait_for_leader().await;
+    let mut l = Client::connect(c.replicas[leader].dksp).await.unwrap();
+    for line in [
+        &b"APPEND junk 1 hello"[..],
+        b"APPEND junk 1 \"\"",
+        b"APPEND junk 1 \"EPOCH 5\\nCOMMIT 6 5 PUT k\"",
+        b"APPEND junk 1 \"EPOCH x\"",
+    ] {
+        let why = refused(&l.call(line).await.unwrap());
+        assert!(why.starts_with("payload is not kvstore records"), "{why}");
+    }
+    // A refused append takes no index and no seq.
+    assert_eq!(
+        l.call(b"APPEND kv 1 \"EPOCH 5\\nCOMMIT 6 5 PUT k v\"").await.unwrap(),
+        Response::Ok(vec!["1".into()])
+    );
+    assert_eq!(
+        l.call(b"APPEND kv 2 \"COMMIT 7 5 DEL k\"").await.unwrap(),
+        Response::Ok(vec!["2".into()])
+    );
+
+    // The issue's compaction by junk: a one-byte upload with the right length and CRC.
+    assert_eq!(
+        l.call(b"CKPT_PUT 424242 0 x").await.unwrap(),
+        Response::Ok(vec!["1".into()])
+    );
+    let commit = format!("CKPT_COMMIT 424242 2 1 {}", crc32c::crc32c(b"x"));
+    let why = refused(&l.call(commit.as_bytes()).await.unwrap());
+    assert!(why.contains("does not decode as a kvstore checkpoint"), "{why}");
+    let entries = l.read_log(1, None).await.unwrap();
+    assert_eq!(entries.len(), 2, "the log is untouched: {entries:?}");
+    assert!(matches!(
+        l.call(b"CKPT_INFO").await.unwrap(),
+        Response::Err(e) if e.code == ErrorCode::NotFound
+    ));
 }

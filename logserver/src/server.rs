@@ -1,5 +1,10 @@
 //! DKSP for clients of the log: `APPEND`, `READ`, `TAIL`, checkpoints, membership, `STATUS`.
 //!
+//! What the log takes is validated, even from a cluster member: an `APPEND` payload must be
+//! kvstore records (unless `--any-payload`), a `CKPT_COMMIT` a kvstore checkpoint of entries
+//! that exist (`state_machine`), and a membership change must leave a majority of reachable
+//! voters (`membership`).
+//!
 //! Writes go through one [`Batcher`]: every operation that arrives while earlier batches are in
 //! flight joins the next batch, and a batch is one Raft entry, so one fsync on each replica
 //! covers many clients (group commit). Up to `max_inflight` batches are in flight at once so the
@@ -50,6 +55,10 @@ pub struct LogServer {
     /// refused `ERR TOO_LARGE` (checked on the leader before proposing, so the staged upload
     /// every replica holds in memory stays within it plus the chunks already in flight).
     pub max_checkpoint_bytes: u64,
+    /// Refuse an `APPEND` whose payload is not kvstore records (`protocol::kvlog::check_entry`),
+    /// so that a writer cannot put into the log what the kvstore could not replay; off with
+    /// `--any-payload`, for tests and benchmarks of the log alone.
+    pub check_payloads: bool,
 }
 
 impl LogServer {
@@ -191,6 +200,16 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
         } => {
             if let Err(r) = srv.check_leader() {
                 return ready(r);
+            }
+            // On the leader only, before proposing: one parse of the payload, what replay
+            // costs the kvstore for the entry (see docs/dksp.md for the figure).
+            if srv.check_payloads {
+                if let Err(e) = protocol::kvlog::check_entry(&payload) {
+                    return ready(Response::err(
+                        ErrorCode::Rejected,
+                        format!("payload is not kvstore records: {e}"),
+                    ));
+                }
             }
             // A retry of an append that already committed: answer without touching Raft. (A
             // retry racing its original is caught when the batch is applied.)
