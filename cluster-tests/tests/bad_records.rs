@@ -49,7 +49,9 @@ async fn a_forged_far_future_commit_stops_the_kvstore_naming_its_index_now_and_a
     let mut kv = sys.kv.take().expect("the kvstore runs");
     let reason = exit_reason(&mut kv);
     assert!(
-        reason.contains(&format!("log index {forged}: COMMIT timestamp 18446744073709551000")),
+        reason.contains(&format!(
+            "log index {forged}: COMMIT timestamp 18446744073709551000"
+        )),
         "{reason}"
     );
 
@@ -57,10 +59,15 @@ async fn a_forged_far_future_commit_stops_the_kvstore_naming_its_index_now_and_a
     let mut kv = spawn_kv(&sys, "kvstore-restarted.log");
     let reason = exit_reason(&mut kv);
     assert!(
-        reason.contains(&format!("recovery stopped at log index {forged}: COMMIT timestamp")),
+        reason.contains(&format!(
+            "recovery stopped at log index {forged}: COMMIT timestamp"
+        )),
         "{reason}"
     );
-    assert!(reason.contains("beyond every timestamp the sequencer has handed out"), "{reason}");
+    assert!(
+        reason.contains("beyond every timestamp the sequencer has handed out"),
+        "{reason}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,7 +82,9 @@ async fn a_forged_epoch_near_the_end_of_time_stops_the_kvstore_instead_of_fencin
     let mut kv = sys.kv.take().expect("the kvstore runs");
     let reason = exit_reason(&mut kv);
     assert!(
-        reason.contains(&format!("log index {forged}: EPOCH 18446744073709551615 is beyond")),
+        reason.contains(&format!(
+            "log index {forged}: EPOCH 18446744073709551615 is beyond"
+        )),
         "{reason}"
     );
     let mut kv = spawn_kv(&sys, "kvstore-restarted.log");
@@ -132,7 +141,9 @@ async fn the_log_refuses_appends_and_checkpoints_the_kvstore_could_not_read() {
     }
     // A refused append takes no index and no seq.
     assert_eq!(
-        l.call(b"APPEND kv 1 \"EPOCH 5\\nCOMMIT 6 5 PUT k v\"").await.unwrap(),
+        l.call(b"APPEND kv 1 \"EPOCH 5\\nCOMMIT 6 5 PUT k v\"")
+            .await
+            .unwrap(),
         Response::Ok(vec!["1".into()])
     );
     assert_eq!(
@@ -147,7 +158,10 @@ async fn the_log_refuses_appends_and_checkpoints_the_kvstore_could_not_read() {
     );
     let commit = format!("CKPT_COMMIT 424242 2 1 {}", crc32c::crc32c(b"x"));
     let why = refused(&l.call(commit.as_bytes()).await.unwrap());
-    assert!(why.contains("does not decode as a kvstore checkpoint"), "{why}");
+    assert!(
+        why.contains("does not decode as a kvstore checkpoint"),
+        "{why}"
+    );
     let entries = l.read_log(1, None).await.unwrap();
     assert_eq!(entries.len(), 2, "the log is untouched: {entries:?}");
     assert!(matches!(

@@ -253,8 +253,14 @@ async fn checkpoint(log: &mut LogClient, id: u64, index: u64, data: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_replica_rejoins_through_a_snapshot_after_compaction() {
-    let mut c =
-        LogCluster::start(&["--any-payload", "--snapshot-every", "100", "--keep-after-snapshot", "10"]).await;
+    let mut c = LogCluster::start(&[
+        "--any-payload",
+        "--snapshot-every",
+        "100",
+        "--keep-after-snapshot",
+        "10",
+    ])
+    .await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=400u64 {
         log.append(b"c", seq, format!("p{seq}").as_bytes())

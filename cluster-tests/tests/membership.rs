@@ -32,7 +32,10 @@ async fn removing_voters_below_three_needs_force_each_time_and_a_refusal_changes
             .await
             .unwrap(),
     );
-    assert!(why.contains("leave 2 voter(s)") && why.contains("FORCE"), "{why}");
+    assert!(
+        why.contains("leave 2 voter(s)") && why.contains("FORCE"),
+        "{why}"
+    );
     assert_eq!(voters(&c.status(l).await.unwrap()), "1,2,3");
 
     assert_eq!(
@@ -41,7 +44,7 @@ async fn removing_voters_below_three_needs_force_each_time_and_a_refusal_changes
             .unwrap(),
         Response::ok()
     );
-    let mut two = vec![leader_id, others[1]];
+    let mut two = [leader_id, others[1]];
     two.sort();
     let two = format!("{},{}", two[0], two[1]);
     assert_eq!(voters(&c.status(l).await.unwrap()), two);

@@ -193,7 +193,10 @@ mod tests {
     #[test]
     fn the_refusal_says_what_would_happen_and_how_to_override() {
         let msg = Refusal::TooFew { left: 2 }.to_string();
-        assert!(msg.contains("leave 2 voter(s)") && msg.contains("FORCE"), "{msg}");
+        assert!(
+            msg.contains("leave 2 voter(s)") && msg.contains("FORCE"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'));
     }
 }

@@ -18,9 +18,9 @@
 //! the kvstore can read; the logserver's checks call the same functions, so anything it accepts
 //! the kvstore parses.
 
+use crate::token;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use crate::token;
 
 /// One record of a log entry (one line).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -249,11 +249,7 @@ type Walked = Result<CheckpointHeader, CheckpointFormatError>;
 impl<'de> serde::de::DeserializeSeed<'de> for Walk {
     type Value = Walked;
     fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Walked, D::Error> {
-        d.deserialize_struct(
-            "Checkpoint",
-            &["index", "max_ts", "epoch", "entries"],
-            self,
-        )
+        d.deserialize_struct("Checkpoint", &["index", "max_ts", "epoch", "entries"], self)
     }
 }
 
@@ -331,7 +327,10 @@ pub fn check_entry(payload: &[u8]) -> Result<(), EntryError> {
         .enumerate()
         .filter(|(_, l)| !l.is_empty())
     {
-        Record::parse_line(line).map_err(|e| EntryError::Bad { line: n + 1, error: e })?;
+        Record::parse_line(line).map_err(|e| EntryError::Bad {
+            line: n + 1,
+            error: e,
+        })?;
         records += 1;
     }
     if records == 0 {

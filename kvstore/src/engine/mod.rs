@@ -238,7 +238,10 @@ impl Engine {
                     return;
                 }
                 Err(err) => {
-                    tracing::warn!("vetting the EPOCH at log index {}: {err}; retrying", t.index);
+                    tracing::warn!(
+                        "vetting the EPOCH at log index {}: {err}; retrying",
+                        t.index
+                    );
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

@@ -257,10 +257,16 @@ fn only_a_start_that_cannot_succeed_is_fatal() {
     assert!(GapError::Sequencer("unreachable".into()).is_transient());
     // A bad record stops recovery with one line naming its index.
     let msg = fatal[4].to_string();
-    assert!(msg.starts_with("recovery stopped at log index 17: EPOCH is 0"), "{msg}");
+    assert!(
+        msg.starts_with("recovery stopped at log index 17: EPOCH is 0"),
+        "{msg}"
+    );
     assert!(!msg.contains('\n'));
     let msg = fatal[5].to_string();
-    assert!(msg.contains("checkpoint 4 (at log index 40) cannot be loaded"), "{msg}");
+    assert!(
+        msg.contains("checkpoint 4 (at log index 40) cannot be loaded"),
+        "{msg}"
+    );
     // The message names the cause and the remedy, on one line.
     let msg = fatal[0].to_string();
     assert!(msg.contains("sequencer is behind the log") && msg.contains("--reset-to"));

@@ -155,8 +155,14 @@ mod tests {
             }
         );
         let msg = err.to_string();
-        assert!(msg.starts_with("log index 42: COMMIT timestamp 101 is beyond"), "{msg}");
-        assert!(msg.contains("--reset-to") && msg.contains("forged"), "{msg}");
+        assert!(
+            msg.starts_with("log index 42: COMMIT timestamp 101 is beyond"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("--reset-to") && msg.contains("forged"),
+            "{msg}"
+        );
         assert!(!msg.contains('\n'));
     }
 

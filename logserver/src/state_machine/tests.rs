@@ -161,7 +161,10 @@ fn kv_checkpoint(index: u64) -> Vec<u8> {
 fn with_entries(n: u64) -> SmData {
     let mut d = SmData::default();
     for seq in 1..=n {
-        assert!(matches!(append(&mut d, seq, b"EPOCH 1"), OpResult::Appended(_)));
+        assert!(matches!(
+            append(&mut d, seq, b"EPOCH 1"),
+            OpResult::Appended(_)
+        ));
     }
     d
 }
@@ -179,7 +182,10 @@ fn a_checkpoint_of_junk_is_refused_and_the_log_stays_whole() {
     // right length and CRC.
     let mut d = with_entries(5);
     let why = rejected(commit_upload(&mut d, 424242, 5, b"x"));
-    assert!(why.contains("does not decode as a kvstore checkpoint"), "{why}");
+    assert!(
+        why.contains("does not decode as a kvstore checkpoint"),
+        "{why}"
+    );
     assert_eq!((d.first_index, d.entries.len()), (1, 5));
     assert!(d.checkpoint.is_none());
     // The junk upload is gone: it can never commit.
@@ -200,7 +206,10 @@ fn a_checkpoint_must_cover_entries_that_exist_above_the_current_one() {
     assert_eq!((d.first_index, d.entries.len()), (4, 2));
     for index in [2, 3] {
         let why = rejected(commit_upload(&mut d, 2, index, &kv_checkpoint(index)));
-        assert!(why.contains("not above the current checkpoint's (3)"), "{why}");
+        assert!(
+            why.contains("not above the current checkpoint's (3)"),
+            "{why}"
+        );
     }
     assert_eq!(d.checkpoint.as_ref().map(|c| c.index), Some(3));
 }
@@ -209,7 +218,10 @@ fn a_checkpoint_must_cover_entries_that_exist_above_the_current_one() {
 fn a_checkpoint_stating_another_index_than_its_commit_is_refused() {
     let mut d = with_entries(5);
     let why = rejected(commit_upload(&mut d, 1, 4, &kv_checkpoint(2)));
-    assert!(why.contains("says it covers index 2, the commit says 4"), "{why}");
+    assert!(
+        why.contains("says it covers index 2, the commit says 4"),
+        "{why}"
+    );
     assert_eq!((d.first_index, d.entries.len()), (1, 5));
 }
 
