@@ -202,8 +202,8 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
             if let Err(r) = srv.check_leader() {
                 return ready(r);
             }
-            // On the leader only, before proposing: one parse of the payload, what replay
-            // costs the kvstore for the entry (see docs/dksp.md for the figure).
+            // On the leader only, before proposing: one pass over the payload without
+            // copying it (see docs/dksp.md for the cost).
             if srv.check_payloads {
                 if let Err(e) = protocol::kvlog::check_entry(&payload) {
                     return ready(Response::err(
