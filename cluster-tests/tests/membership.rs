@@ -64,3 +64,75 @@ async fn removing_voters_below_three_needs_force_each_time_and_a_refusal_changes
         Response::Ok(vec!["1".into()])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_is_replaced_without_force_by_adding_the_new_one_first() {
+    let mut c = LogCluster::start(&[]).await;
+    let l = c.wait_for_leader().await;
+    let dead = (l + 1) % 3;
+    let dead_id = c.replicas[dead].id;
+    c.kill9(dead);
+    let mut conn = Client::connect(c.replicas[l].dksp).await.unwrap();
+    // Removing the dead one first would leave two voters.
+    let why = refused(
+        &conn
+            .call(format!("REMOVE_REPLICA {dead_id}").as_bytes())
+            .await
+            .unwrap(),
+    );
+    assert!(why.contains("leave 2 voter(s)"), "{why}");
+
+    // A fourth replica, started empty without --init: four voters, three of them answering.
+    let (dksp, raft) = (
+        cluster_tests::local(cluster_tests::free_port()),
+        cluster_tests::local(cluster_tests::free_port()),
+    );
+    let dir = c.dir.path().join("log-4");
+    std::fs::create_dir_all(&dir).unwrap();
+    let args: Vec<String> = [
+        "--id",
+        "4",
+        "--listen",
+        &dksp.to_string(),
+        "--raft-listen",
+        &raft.to_string(),
+        "--data-dir",
+        &dir.display().to_string(),
+        "--peers",
+        &c.peers(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut p = cluster_tests::Proc::spawn("logserver", &args, &c.dir.path().join("log-4.log"));
+    cluster_tests::wait_ready(dksp, &mut p, std::time::Duration::from_secs(20)).await;
+    assert_eq!(
+        conn.call(format!("ADD_REPLICA 4 {raft} {dksp}").as_bytes())
+            .await
+            .unwrap(),
+        Response::ok()
+    );
+    // Then the dead one goes: three voters, all answering.
+    assert_eq!(
+        conn.call(format!("REMOVE_REPLICA {dead_id}").as_bytes())
+            .await
+            .unwrap(),
+        Response::ok()
+    );
+    let voters = c.status(l).await.unwrap()["voters"].clone();
+    let mut want: Vec<u64> = c
+        .replicas
+        .iter()
+        .map(|r| r.id)
+        .filter(|&id| id != dead_id)
+        .chain([4])
+        .collect();
+    want.sort();
+    let want: Vec<String> = want.iter().map(u64::to_string).collect();
+    assert_eq!(voters, want.join(","));
+    assert_eq!(
+        conn.call(b"APPEND kv 1 \"EPOCH 1\"").await.unwrap(),
+        Response::Ok(vec!["1".into()])
+    );
+    p.kill9();
+}
