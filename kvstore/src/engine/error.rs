@@ -128,7 +128,7 @@ pub enum CheckpointError {
     /// sequencer never handed out). Fatal: every replica holds the same bytes.
     #[error(
         "the log's checkpoint {id} (at log index {index}) cannot be loaded: {why}; recovery stopped \
-         (restore the log from a backup; docs/operations.md)"
+         (docs/operations.md, \"A bad record in the log\")"
     )]
     Bad {
         /// The checkpoint's id.

@@ -47,8 +47,8 @@ pub enum Fault {
     #[error(
         "{what} {value} is beyond every timestamp the sequencer has handed out (CURRENT {handed_out}): \
          either the sequencer is behind the log (it lost its state: move it past the log with \
-         sequencer --reset-to, then restart), or the record is forged or corrupt (restore the log \
-         from a backup; docs/operations.md)"
+         sequencer --reset-to, then restart), or the record is forged or corrupt (then restore the log \
+         from a backup)"
     )]
     Beyond {
         /// Which field: `COMMIT timestamp`, `COMMIT epoch` or `EPOCH`.
