@@ -169,3 +169,54 @@ async fn the_log_refuses_appends_and_checkpoints_the_kvstore_could_not_read() {
         Response::Err(e) if e.code == ErrorCode::NotFound
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_well_formed_checkpoint_with_timestamps_never_handed_out_stops_a_restarted_kvstore() {
+    let mut sys = System::start(&[]).await;
+    let mut c = Client::connect(sys.kv_addr).await.unwrap();
+    c.put("k", "v").await.unwrap();
+    drop(c);
+    sys.kill_kv();
+    let last: u64 = sys.log.status(0).await.unwrap()["last"].parse().unwrap();
+    // The log takes it: it decodes and states the index it is committed at.
+    let forged = protocol::kvlog::Checkpoint {
+        index: last,
+        max_ts: 1 << 60,
+        epoch: 1,
+        entries: vec![(
+            bytes::Bytes::from("k"),
+            1 << 60,
+            bytes::Bytes::from("forged"),
+        )],
+    }
+    .encode()
+    .unwrap();
+    let mut log = LogClient::new(sys.log.addrs());
+    let put = protocol::log::Request::CkptPut {
+        id: 77,
+        offset: 0,
+        data: bytes::Bytes::from(forged.clone()),
+    };
+    assert_eq!(
+        log.call_leader(&put.encode()).await.unwrap(),
+        Response::Ok(vec![forged.len().to_string().into()])
+    );
+    let commit = protocol::log::Request::CkptCommit {
+        id: 77,
+        index: last,
+        len: forged.len() as u64,
+        crc: crc32c::crc32c(&forged),
+    };
+    assert_eq!(
+        log.call_leader(&commit.encode()).await.unwrap(),
+        Response::ok()
+    );
+    let mut kv = spawn_kv(&sys, "kvstore-restarted.log");
+    let reason = exit_reason(&mut kv);
+    assert!(
+        reason.contains(&format!(
+            "the log's checkpoint 77 (at log index {last}) cannot be loaded: checkpoint's newest timestamp 1152921504606846976 is beyond"
+        )),
+        "{reason}"
+    );
+}
