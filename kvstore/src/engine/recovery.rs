@@ -10,8 +10,10 @@
 //!
 //! A failed attempt starts over from an empty store with a new epoch, unless the failure is
 //! one that trying again cannot mend ([`RecoveryError::is_fatal`]): the log holds an epoch
-//! newer than the sequencer's (it would hand out used timestamps), or a newer kvstore took
-//! over while this one started (starting again would take the log back from it).
+//! newer than the sequencer's (it would hand out used timestamps), a newer kvstore took
+//! over while this one started (starting again would take the log back from it), or an entry
+//! or the checkpoint is not what a kvstore of this cluster writes ([`super::vet`]: every entry
+//! is vetted before it is applied, and neither applying nor skipping it is safe).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
