@@ -66,7 +66,9 @@ fn main() {
     rt.block_on(async {
         // BENCH_LOG_ARGS adds logserver flags, to compare settings in one place.
         let extra = std::env::var("BENCH_LOG_ARGS").unwrap_or_default();
-        let extra: Vec<&str> = extra.split_whitespace().collect();
+        // The payloads are not kvstore records: the log alone is measured.
+        let mut extra: Vec<&str> = extra.split_whitespace().collect();
+        extra.push("--any-payload");
         let mut c = LogCluster::start(&extra).await;
         let leader = c.replicas[c.wait_for_leader().await].dksp.to_string();
         println!("\nlogserver appends, 100-byte payloads, 3 replicas, {SECONDS} s per row\n");

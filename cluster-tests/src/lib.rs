@@ -367,3 +367,25 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A checkpoint in the kvstore's format stating log index `index`, of about `bytes` bytes (the
+/// logserver refuses a `CKPT_COMMIT` of anything else).
+pub fn kv_checkpoint(index: u64, bytes: usize) -> Vec<u8> {
+    let entries = (0..bytes / 32 + 1)
+        .map(|i| {
+            (
+                bytes::Bytes::from(format!("key:{i:012}")),
+                1 + i as u64,
+                bytes::Bytes::from(vec![(i % 251) as u8; 12]),
+            )
+        })
+        .collect::<Vec<_>>();
+    protocol::kvlog::Checkpoint {
+        index,
+        max_ts: entries.len() as u64,
+        epoch: 1,
+        entries,
+    }
+    .encode()
+    .expect("encoding a checkpoint")
+}

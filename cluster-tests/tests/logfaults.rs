@@ -9,7 +9,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_with_log_entries_but_no_vote_file_refuses_to_start() {
-    let mut c = LogCluster::start(&[]).await;
+    let mut c = LogCluster::start(&["--any-payload"]).await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=20u64 {
         log.append(b"c", seq, b"x").await.unwrap();
@@ -40,7 +40,7 @@ async fn a_replica_with_log_entries_but_no_vote_file_refuses_to_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_whose_disk_fills_exits_and_the_others_keep_serving_then_it_rejoins() {
-    let mut c = LogCluster::new(&[]);
+    let mut c = LogCluster::new(&["--any-payload"]);
     c.replicas[2].extra = vec!["--fail-writes-after-bytes".into(), "65536".into()];
     c.launch().await;
     let mut log = LogClient::new(c.addrs());
@@ -112,7 +112,7 @@ fn assert_err(r: &Response, code: ErrorCode) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_checkpoint_upload_past_the_staging_limit_is_refused_and_a_new_upload_replaces_an_old_one(
 ) {
-    let c = LogCluster::start(&["--max-checkpoint-mib", "1"]).await;
+    let c = LogCluster::start(&["--any-payload", "--max-checkpoint-mib", "1"]).await;
     let mut log = LogClient::new(c.addrs());
     log.append(b"c", 1, b"x").await.unwrap();
     let staged = |n: u64| Response::Ok(vec![n.to_string().into()]);
@@ -136,14 +136,23 @@ async fn a_checkpoint_upload_past_the_staging_limit_is_refused_and_a_new_upload_
     );
 
     // A new upload (offset 0) abandons the old one: its staged bytes are dropped.
-    assert_eq!(put_chunk(&mut log, 2, 0, 1000).await, staged(1000));
+    let ckpt = cluster_tests::kv_checkpoint(1, 1000);
+    let req = protocol::log::Request::CkptPut {
+        id: 2,
+        offset: 0,
+        data: Bytes::from(ckpt.clone()),
+    };
+    assert_eq!(
+        log.call_leader(&req.encode()).await.unwrap(),
+        staged(ckpt.len() as u64)
+    );
     let r = put_chunk(&mut log, 1, 1_000_000, 1000).await;
     assert_err(&r, ErrorCode::Rejected);
     let req = protocol::log::Request::CkptCommit {
         id: 2,
         index: 1,
-        len: 1000,
-        crc: crc32c::crc32c(&[b'x'; 1000]),
+        len: ckpt.len() as u64,
+        crc: crc32c::crc32c(&ckpt),
     };
     assert_eq!(
         log.call_leader(&req.encode()).await.unwrap(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_replicate_to_every_replica_in_order() {
-    let c = LogCluster::start(&[]).await;
+    let c = LogCluster::start(&["--any-payload"]).await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=200u64 {
         let idx = log
@@ -37,7 +37,7 @@ async fn appends_replicate_to_every_replica_in_order() {
 /// in the order sent (the logserver proposes several batches concurrently).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_appends_enter_the_log_in_the_order_sent() {
-    let c = LogCluster::start(&[]).await;
+    let c = LogCluster::start(&["--any-payload"]).await;
     let leader = c.wait_for_leader().await;
     let mut conn = Client::connect(c.replicas[leader].dksp).await.unwrap();
     let n = 2000u64;
@@ -67,7 +67,7 @@ async fn pipelined_appends_enter_the_log_in_the_order_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn followers_redirect_and_bad_input_is_refused() {
-    let c = LogCluster::start(&[]).await;
+    let c = LogCluster::start(&["--any-payload"]).await;
     let leader = c.wait_for_leader().await;
     let follower = (leader + 1) % 3;
     let mut f = Client::connect(c.replicas[follower].dksp).await.unwrap();
@@ -113,7 +113,7 @@ async fn followers_redirect_and_bad_input_is_refused() {
 /// was acknowledged with, and no (client, seq) may appear twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kill_under_load_loses_and_duplicates_nothing() {
-    let mut c = LogCluster::start(&[]).await;
+    let mut c = LogCluster::start(&["--any-payload"]).await;
     let acked: Arc<Mutex<BTreeMap<(u64, u64), u64>>> = Arc::default();
     let total = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicU64::new(0));
@@ -199,7 +199,7 @@ async fn leader_kill_under_load_loses_and_duplicates_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_keeps_the_same_log() {
-    let mut c = LogCluster::start(&[]).await;
+    let mut c = LogCluster::start(&["--any-payload"]).await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=100u64 {
         log.append(b"c", seq, format!("p{seq}").as_bytes())
@@ -253,15 +253,21 @@ async fn checkpoint(log: &mut LogClient, id: u64, index: u64, data: &[u8]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_replica_rejoins_through_a_snapshot_after_compaction() {
-    let mut c =
-        LogCluster::start(&["--snapshot-every", "100", "--keep-after-snapshot", "10"]).await;
+    let mut c = LogCluster::start(&[
+        "--any-payload",
+        "--snapshot-every",
+        "100",
+        "--keep-after-snapshot",
+        "10",
+    ])
+    .await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=400u64 {
         log.append(b"c", seq, format!("p{seq}").as_bytes())
             .await
             .unwrap();
     }
-    let ckpt: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let ckpt = cluster_tests::kv_checkpoint(300, 300_000);
     checkpoint(&mut log, 1, 300, &ckpt).await;
     for seq in 401..=500u64 {
         log.append(b"c", seq, format!("p{seq}").as_bytes())
@@ -310,7 +316,7 @@ async fn wiped_replica_rejoins_through_a_snapshot_after_compaction() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_last_record_is_truncated_and_recovered_from_the_others() {
-    let mut c = LogCluster::start(&[]).await;
+    let mut c = LogCluster::start(&["--any-payload"]).await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=50u64 {
         log.append(b"c", seq, format!("p{seq}").as_bytes())
@@ -348,7 +354,7 @@ async fn corrupt_last_record_is_truncated_and_recovered_from_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_streams_new_entries() {
-    let c = LogCluster::start(&[]).await;
+    let c = LogCluster::start(&["--any-payload"]).await;
     let mut log = LogClient::new(c.addrs());
     log.append(b"c", 1, b"first").await.unwrap();
     let mut t = Client::connect(c.replicas[2].dksp).await.unwrap();
@@ -391,7 +397,7 @@ async fn tail_streams_new_entries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_added_catches_up_and_a_removed_one_is_not_needed() {
-    let mut c = LogCluster::start(&[]).await;
+    let mut c = LogCluster::start(&["--any-payload"]).await;
     let mut log = LogClient::new(c.addrs());
     for seq in 1..=50u64 {
         log.append(b"m", seq, format!("before {seq}").as_bytes())

@@ -93,7 +93,7 @@ async fn max_size_appends_replicate_through_a_leader_kill_with_default_timing() 
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(25);
-    let mut c = LogCluster::start(&["--max-line", MAX_LINE]).await;
+    let mut c = LogCluster::start(&["--any-payload", "--max-line", MAX_LINE]).await;
     let acked: Acked = Arc::default();
     let total = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -163,6 +163,7 @@ async fn a_wiped_replica_catches_up_by_snapshot_while_large_appends_run() {
     // Snapshots every 20 entries and 5 kept after one: a replica that missed 40 entries must
     // take a snapshot while the leader keeps appending.
     let mut c = LogCluster::start(&[
+        "--any-payload",
         "--max-line",
         MAX_LINE,
         "--snapshot-every",
@@ -270,7 +271,7 @@ fn rss(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raft_frame_header_over_the_cap_closes_the_connection_unread() {
-    let c = LogCluster::start(&[]).await;
+    let c = LogCluster::start(&["--any-payload"]).await;
     let pid = c.replicas[1]
         .proc_
         .as_ref()

@@ -41,8 +41,25 @@ const RETRY: Duration = Duration::from_millis(200);
 /// off with its connection open: start over on the next replica this often.
 const RESUBSCRIBE: Duration = Duration::from_secs(10);
 
-/// Follows the log (replicas `addrs`) from index `from` until this kvstore is fenced.
-pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, trust: Trust, from: u64) {
+/// A newer `EPOCH` the follower saw (and fenced this kvstore by).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Takeover {
+    /// The log index of the entry holding it.
+    pub index: u64,
+    /// The epoch.
+    pub epoch: u64,
+}
+
+/// Follows the log (replicas `addrs`, dialled with `trust`) from index `from` until this
+/// kvstore is fenced. Returns the newer `EPOCH` it fenced by, if that is what ended it, for the
+/// caller to vet (an epoch the sequencer never handed out is a forged or corrupt record, not a
+/// takeover).
+pub async fn follow(
+    e: Arc<Lifecycle>,
+    addrs: Vec<String>,
+    trust: Trust,
+    from: u64,
+) -> Option<Takeover> {
     let epoch = e.epoch();
     let mut replicas = Replicas::new(addrs);
     // The committer starts with the first address; start elsewhere when there is an elsewhere.
@@ -50,17 +67,21 @@ pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, trust: Trust, from: u
     let mut cursor = from;
     loop {
         if matches!(e.mode(), Mode::Fenced(_)) {
-            return;
+            return None;
         }
         let addr = replicas.current().to_string();
         cursor = cursor.max(e.applied_index().saturating_add(1));
         let tailed =
             tokio::time::timeout(RESUBSCRIBE, tail_once(&addr, &trust, epoch, &mut cursor)).await;
         match tailed {
-            Ok(Ok(Ended::Newer(newer))) => {
-                tracing::error!("fenced: kvstore epoch {newer} took over the log (seen by TAIL)");
-                e.fence(newer);
-                return;
+            Ok(Ok(Ended::Newer(t))) => {
+                tracing::error!(
+                    "fenced: kvstore epoch {} took over the log at index {} (seen by TAIL)",
+                    t.epoch,
+                    t.index
+                );
+                e.fence(t.epoch);
+                return Some(t);
             }
             Ok(Ok(Ended::Compacted(first))) => {
                 // This kvstore's own checkpoints never go past what it has applied, so a
@@ -71,7 +92,7 @@ pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, trust: Trust, from: u
                         first - 1
                     );
                     e.fence(UNKNOWN_EPOCH);
-                    return;
+                    return None;
                 }
                 cursor = cursor.max(first);
             }
@@ -86,7 +107,7 @@ pub async fn follow(e: Arc<Lifecycle>, addrs: Vec<String>, trust: Trust, from: u
 /// How a `TAIL` stream ended.
 enum Ended {
     /// A newer epoch showed up.
-    Newer(u64),
+    Newer(Takeover),
     /// The stream fell behind a compaction; the log now starts at this index.
     Compacted(u64),
 }
@@ -126,7 +147,10 @@ async fn tail_once(
         match c.recv().await? {
             Response::Entry(index, payload) => {
                 if let Some(newer) = Record::epochs(&payload).find(|&x| x > epoch) {
-                    return Ok(Ended::Newer(newer));
+                    return Ok(Ended::Newer(Takeover {
+                        index,
+                        epoch: newer,
+                    }));
                 }
                 *cursor = index.checked_add(1).ok_or(TailError::NoSuccessor(index))?;
             }

@@ -1,8 +1,9 @@
 //! The `kvstore` process: parses and checks the flags, binds its port, starts the [`Engine`]
 //! (which recovers from the log in the background, answering `ERR UNAVAILABLE` meanwhile) and
 //! serves DKSP until SIGINT or SIGTERM, or until recovery fails in a way retrying cannot fix
-//! (the sequencer behind the log, a takeover while starting): then it exits 1 with the
-//! one-line reason. It keeps nothing on disk.
+//! (the sequencer behind the log, a takeover while starting, a log record or checkpoint no
+//! kvstore wrote, met while starting or while serving): then it exits 1 with the one-line
+//! reason. It keeps nothing on disk.
 
 use anyhow::Context;
 use clap::Parser;

@@ -6,10 +6,13 @@
 //!   dedupe, checkpoints and compaction (openraft's `RaftStateMachine`).
 //! - [`network`]: Raft RPCs between replicas, postcard frames over TCP.
 //! - [`server`]: DKSP for clients, with group commit of concurrent `APPEND`s.
+//! - [`membership`]: which `ADD_REPLICA`/`REMOVE_REPLICA` changes the leader makes (a majority
+//!   of reachable voters kept, no shrinking below three without `FORCE`).
 
 #![warn(missing_docs)]
 
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod pipeline;
 pub mod server;

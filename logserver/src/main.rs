@@ -91,6 +91,11 @@ struct Args {
     /// `ERR TOO_LARGE`. A 1M-key kvstore makes a checkpoint of about 115 MB.
     #[arg(long, default_value_t = 1024)]
     max_checkpoint_mib: u64,
+    /// Accept `APPEND` payloads that are not kvstore records (by default each is parsed as the
+    /// kvstore's `EPOCH`/`COMMIT` lines and refused `ERR REJECTED` if it is not): for tests and
+    /// benchmarks of the log alone.
+    #[arg(long)]
+    any_payload: bool,
     /// Testing hook: after this many bytes of Raft log records, every log write fails with
     /// ENOSPC, as on a full disk.
     #[arg(long, hide = true)]
@@ -251,7 +256,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sm,
         batcher: Batcher::start(raft.clone(), args.max_inflight, Some(gate)),
         max_checkpoint_bytes: args.max_checkpoint_mib.saturating_mul(1024 * 1024),
+        check_payloads: !args.any_payload,
     });
+    if args.any_payload {
+        tracing::warn!("--any-payload: APPEND takes payloads that are not kvstore records");
+    }
     tracing::info!(
         "logserver {} serving DKSP on {}, Raft on {}, data in {}",
         args.id,

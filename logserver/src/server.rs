@@ -1,5 +1,10 @@
 //! DKSP for clients of the log: `APPEND`, `READ`, `TAIL`, checkpoints, membership, `STATUS`.
 //!
+//! What the log takes is validated, even from a cluster member: an `APPEND` payload must be
+//! kvstore records (unless `--any-payload`), a `CKPT_COMMIT` a kvstore checkpoint of entries
+//! that exist (`state_machine`), and a membership change must leave a majority of reachable
+//! voters (`membership`).
+//!
 //! Writes go through one [`Batcher`]: every operation that arrives while earlier batches are in
 //! flight joins the next batch, and a batch is one Raft entry, so one fsync on each replica
 //! covers many clients (group commit). Up to `max_inflight` batches are in flight at once so the
@@ -24,6 +29,7 @@ use protocol::hops;
 use protocol::log::Request;
 use protocol::{Connection, ErrorCode, Response};
 
+use crate::membership;
 use crate::state_machine::{ReadError, StateMachine};
 use crate::types::{Node, NodeId, Op, Raft};
 
@@ -50,6 +56,10 @@ pub struct LogServer {
     /// refused `ERR TOO_LARGE` (checked on the leader before proposing, so the staged upload
     /// every replica holds in memory stays within it plus the chunks already in flight).
     pub max_checkpoint_bytes: u64,
+    /// Refuse an `APPEND` whose payload is not kvstore records (`protocol::kvlog::check_entry`),
+    /// so that a writer cannot put into the log what the kvstore could not replay; off with
+    /// `--any-payload`, for tests and benchmarks of the log alone.
+    pub check_payloads: bool,
 }
 
 impl LogServer {
@@ -201,6 +211,16 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
             if let Err(r) = srv.check_leader() {
                 return ready(r);
             }
+            // On the leader only, before proposing: one pass over the payload without
+            // copying it (see docs/dksp.md for the cost).
+            if srv.check_payloads {
+                if let Err(e) = protocol::kvlog::check_entry(&payload) {
+                    return ready(Response::err(
+                        ErrorCode::Rejected,
+                        format!("payload is not kvstore records: {e}"),
+                    ));
+                }
+            }
             // A retry of an append that already committed: answer without touching Raft. (A
             // retry racing its original is caught when the batch is applied.)
             if let Some(index) = srv.sm.lookup(&client, seq) {
@@ -287,19 +307,28 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
             id,
             raft_addr,
             dksp_addr,
+            force,
         } => {
             if let Err(r) = srv.check_leader() {
                 return ready(r);
             }
-            let raft = srv.raft.clone();
+            let (raft, me) = (srv.raft.clone(), srv.id);
             let node = Node {
                 raft_addr,
                 dksp_addr,
             };
             spawn_reply(async move {
+                // A learner votes on nothing, so adding one is always safe; once it has caught
+                // up it answers like a voter, and the check counts it.
                 raft.add_learner(id, node, true)
                     .await
                     .map_err(MembershipError::AddLearner)?;
+                let current = voters(&raft);
+                let mut proposed = current.clone();
+                proposed.insert(id);
+                let reachable = reachable(&raft, me, &proposed).await?;
+                membership::decide(&current, &reachable, &proposed, force)
+                    .map_err(MembershipError::Refused)?;
                 raft.change_membership(
                     openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id])),
                     false,
@@ -309,12 +338,18 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
                 Ok(())
             })
         }
-        Request::RemoveReplica { id } => {
+        Request::RemoveReplica { id, force } => {
             if let Err(r) = srv.check_leader() {
                 return ready(r);
             }
-            let raft = srv.raft.clone();
+            let (raft, me) = (srv.raft.clone(), srv.id);
             spawn_reply(async move {
+                let current = voters(&raft);
+                let mut proposed = current.clone();
+                proposed.remove(&id);
+                let reachable = reachable(&raft, me, &current).await?;
+                membership::decide(&current, &reachable, &proposed, force)
+                    .map_err(MembershipError::Refused)?;
                 raft.change_membership(
                     openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
                     false,
@@ -334,11 +369,25 @@ async fn dispatch(srv: &LogServer, req: Request) -> Reply {
     }
 }
 
-/// Why a membership change (`ADD_REPLICA`, `REMOVE_REPLICA`) did not finish. The reply is
-/// `ERR UNAVAILABLE <openraft's message>` either way: the change may or may not have taken, so
+/// Why a membership change (`ADD_REPLICA`, `REMOVE_REPLICA`) did not finish. A refusal is
+/// `ERR REJECTED <why>` (nothing changed; `FORCE` overrides what may be overridden); a Raft
+/// failure is `ERR UNAVAILABLE <openraft's message>`: the change may or may not have taken, so
 /// the operator reads `STATUS` and retries on the leader.
 #[derive(Debug, thiserror::Error)]
 enum MembershipError {
+    /// The change would leave too few voters, or no reachable majority.
+    #[error("{0}")]
+    Refused(membership::Refusal),
+    /// The probe entry did not commit within [`membership::REACHABLE_WAIT`]: no majority
+    /// answers, so no membership change could commit either.
+    #[error(
+        "the leader could not commit an entry within {} s: no majority of voters answers, so a membership change cannot commit either",
+        membership::REACHABLE_WAIT.as_secs()
+    )]
+    NoQuorum,
+    /// Committing the probe entry that measures which voters answer failed.
+    #[error("probing the voters: {0}")]
+    Probe(RaftError<NodeId, ClientWriteError<NodeId, Node>>),
     /// Adding the new replica as a learner (and waiting for it to catch up) failed.
     #[error("{0}")]
     AddLearner(RaftError<NodeId, ClientWriteError<NodeId, Node>>),
@@ -347,7 +396,69 @@ enum MembershipError {
     ChangeMembership(RaftError<NodeId, ClientWriteError<NodeId, Node>>),
 }
 
-/// Runs a membership change in its own task; the reply is `OK` or `ERR UNAVAILABLE <why>`.
+impl MembershipError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            MembershipError::Refused(_) => ErrorCode::Rejected,
+            _ => ErrorCode::Unavailable,
+        }
+    }
+}
+
+/// The current voters, as the leader's metrics give them.
+fn voters(raft: &Raft) -> BTreeSet<NodeId> {
+    raft.metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect()
+}
+
+/// Which of `wanted` (and the leader `me`) answer now: the leader commits an empty entry and
+/// waits up to [`membership::REACHABLE_WAIT`] for each one's replication to reach it. A
+/// follower's matched index only moves when it acknowledges, so this measures who is up now,
+/// not who was up at the last append.
+async fn reachable(
+    raft: &Raft,
+    me: NodeId,
+    wanted: &BTreeSet<NodeId>,
+) -> Result<BTreeSet<NodeId>, MembershipError> {
+    // Without a majority nothing commits, the probe included: give up after the same wait.
+    let probe = tokio::time::timeout(
+        membership::REACHABLE_WAIT,
+        raft.client_write(crate::types::Batch(Vec::new())),
+    )
+    .await
+    .map_err(|_| MembershipError::NoQuorum)?
+    .map_err(MembershipError::Probe)?
+    .log_id
+    .index;
+    let mut metrics = raft.metrics();
+    let deadline = tokio::time::Instant::now() + membership::REACHABLE_WAIT;
+    loop {
+        let acked: BTreeSet<NodeId> = {
+            let m = metrics.borrow_and_update();
+            m.replication
+                .iter()
+                .flatten()
+                .filter(|(_, matched)| matched.is_some_and(|l| l.index >= probe))
+                .map(|(id, _)| *id)
+                .chain([me])
+                .collect()
+        };
+        if wanted.is_subset(&acked) {
+            return Ok(acked);
+        }
+        match tokio::time::timeout_at(deadline, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            // The deadline passed (or the node is shutting down): those not in are down.
+            _ => return Ok(acked),
+        }
+    }
+}
+
+/// Runs a membership change in its own task; the reply is `OK` or `ERR <code> <why>`.
 fn spawn_reply(
     f: impl std::future::Future<Output = Result<(), MembershipError>> + Send + 'static,
 ) -> Reply {
@@ -355,7 +466,10 @@ fn spawn_reply(
     tokio::spawn(async move {
         let r = match f.await {
             Ok(()) => Response::ok(),
-            Err(e) => Response::err(ErrorCode::Unavailable, e.to_string()),
+            Err(e) => {
+                tracing::warn!("membership change refused or failed: {e}");
+                Response::err(e.code(), e.to_string())
+            }
         };
         let _ = tx.send(r);
     });

@@ -5,8 +5,11 @@
 //! - `Append` gets the next *logical* index, unless its `(client, seq)` was applied before, in
 //!   which case it is a duplicate and gets the original index back (exactly-once appends). Each
 //!   client's last [`DEDUPE_WINDOW`] sequence numbers are remembered; an older retry is refused.
-//! - `CkptChunk` stages part of a checkpoint upload; `CkptCommit` verifies length and CRC and
-//!   makes it *the* checkpoint, dropping the entries it covers (compaction).
+//! - `CkptChunk` stages part of a checkpoint upload; `CkptCommit` verifies it and makes it
+//!   *the* checkpoint, dropping the entries it covers (compaction). It is refused (`REJECTED`,
+//!   the log untouched) unless the upload is complete (length and CRC32C match), its index
+//!   covers entries that exist and is above the current checkpoint's, and the bytes decode as
+//!   a kvstore checkpoint (`protocol::kvlog::check_checkpoint`) stating that same index.
 //!
 //! The state is held in memory (entries since the last checkpoint, the dedupe table, the
 //! checkpoint) and made durable by openraft snapshots written to `<dir>/snapshot`; on restart it
@@ -352,24 +355,28 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             if s.data.crc32c() != crc {
                 return OpResult::Rejected(format!("checkpoint {id} fails its CRC"));
             }
-            if index >= d.next_index {
-                return OpResult::Rejected(format!(
-                    "checkpoint index {index} is beyond the last entry {}",
-                    d.next_index.saturating_sub(1)
-                ));
+            if let Err(why) = covers_existing(d, index) {
+                return OpResult::Rejected(format!("checkpoint {id}: {why}"));
             }
-            if d.checkpoint.as_ref().is_some_and(|c| c.index > index) {
-                return OpResult::Rejected(format!(
-                    "a newer checkpoint (index {}) is already in place",
-                    d.checkpoint.as_ref().map_or(0, |c| c.index)
-                ));
+            // Checked last, as it reads the whole upload; refused the same way on every
+            // replica (the content is the same everywhere), and the upload is dropped: bytes
+            // that are not a checkpoint can never commit.
+            let staged = d.staging.take().unwrap_or_default().data.join();
+            match protocol::kvlog::check_checkpoint(&staged) {
+                Ok(h) if h.index == index => {}
+                Ok(h) => {
+                    return OpResult::Rejected(format!(
+                        "checkpoint {id} says it covers index {}, the commit says {index}",
+                        h.index
+                    ))
+                }
+                Err(e) => return OpResult::Rejected(format!("checkpoint {id} {e}")),
             }
-            let staged = d.staging.take().unwrap_or_default();
             d.checkpoint = Some(Checkpoint {
                 id,
                 index,
                 crc,
-                data: staged.data.join(),
+                data: staged,
             });
             if index >= d.first_index {
                 let drop_n = (index + 1 - d.first_index) as usize;
@@ -379,6 +386,27 @@ fn apply_op(d: &mut SmData, op: Op) -> OpResult {
             OpResult::Done
         }
     }
+}
+
+/// Whether a checkpoint at logical index `index` covers entries that exist and are newer than
+/// the current checkpoint's: `1 <= index <= last applied`, and above the current one (a
+/// checkpoint at or below it would cover nothing new, and one beyond the log would compact
+/// entries that do not exist yet, which is how junk once wiped a whole log).
+fn covers_existing(d: &SmData, index: u64) -> Result<(), String> {
+    let last = d.next_index.saturating_sub(1);
+    if index == 0 {
+        return Err("index 0 covers no entry".into());
+    }
+    if index > last {
+        return Err(format!("index {index} is beyond the last entry {last}"));
+    }
+    if let Some(c) = d.checkpoint.as_ref().filter(|c| c.index >= index) {
+        return Err(format!(
+            "index {index} is not above the current checkpoint's ({})",
+            c.index
+        ));
+    }
+    Ok(())
 }
 
 /// The snapshot file: one record with a `u64` length (the existing layout), no cap beyond it.

@@ -252,7 +252,16 @@ fn state_machine_dedupes_checkpoints_and_compacts() {
         assert_eq!(sm.lookup(b"a", 2), Some(3));
 
         // A checkpoint upload in two chunks, committed at index 2, compacts entries 1..=2.
-        let ckpt = b"state-as-of-2".to_vec();
+        // (The logserver commits only a real kvstore checkpoint stating the index.)
+        let ckpt = protocol::kvlog::Checkpoint {
+            index: 2,
+            max_ts: 7,
+            epoch: 1,
+            entries: vec![(Bytes::from("k"), 7, Bytes::from("state-as-of-2"))],
+        }
+        .encode()
+        .unwrap();
+        assert!(ckpt.len() > 7);
         let crc = crc32c::crc32c(&ckpt);
         let r = sm
             .apply([normal(

@@ -11,6 +11,8 @@
 //!   [`handler`]: the connection loop (read, parse, dispatch, replies in order) they share.
 //! - [`record`]: checksummed `[len][crc32c][postcard]` records on disk and atomic file
 //!   replacement, shared by the logserver and the sequencer.
+//! - [`kvlog`]: the kvstore's log records and checkpoint format, and the checks the logserver
+//!   makes with them (so that it refuses what the kvstore could not read).
 //! - [`client`]: an async client with typed helpers.
 //! - [`trust`]: cluster membership (mutual TLS or a shared secret's challenge–response) and
 //!   the TLS stream.
@@ -25,6 +27,7 @@ pub mod connection;
 pub mod handler;
 pub mod hops;
 pub mod kv;
+pub mod kvlog;
 pub mod log;
 pub mod log_client;
 pub mod record;

@@ -47,11 +47,17 @@ pub enum Request {
         raft_addr: String,
         /// Where the new replica listens for DKSP.
         dksp_addr: String,
+        /// `FORCE`: make the change even if it leaves fewer than 3 voters or no reachable
+        /// majority (logged).
+        force: bool,
     },
     /// Removes replica `id` from the Raft group (leader only).
     RemoveReplica {
         /// The replica to remove.
         id: u64,
+        /// `FORCE`: make the change even if it leaves fewer than 3 voters or no reachable
+        /// majority (logged).
+        force: bool,
     },
     /// Stage `data` at `offset` of checkpoint upload `id` (offset 0 starts a new upload).
     CkptPut {
@@ -134,17 +140,21 @@ impl Request {
                 }
             }
             "ADD_REPLICA" => {
-                c.arity(3, 3, "ADD_REPLICA <id> <raft-addr> <dksp-addr>")?;
+                const USAGE: &str = "ADD_REPLICA <id> <raft-addr> <dksp-addr> [FORCE]";
+                c.arity(3, 4, USAGE)?;
                 Request::AddReplica {
                     id: c.u64(0, "id")?,
                     raft_addr: text(1),
                     dksp_addr: text(2),
+                    force: force_flag(&c, 3, USAGE)?,
                 }
             }
             "REMOVE_REPLICA" => {
-                c.arity(1, 1, "REMOVE_REPLICA <id>")?;
+                const USAGE: &str = "REMOVE_REPLICA <id> [FORCE]";
+                c.arity(1, 2, USAGE)?;
                 Request::RemoveReplica {
                     id: c.u64(0, "id")?,
+                    force: force_flag(&c, 1, USAGE)?,
                 }
             }
             "CKPT_PUT" => {
@@ -215,8 +225,23 @@ impl Request {
                 id,
                 raft_addr,
                 dksp_addr,
-            } => encode("ADD_REPLICA", &[&id.to_string(), raft_addr, dksp_addr]),
-            Request::RemoveReplica { id } => encode("REMOVE_REPLICA", &[id.to_string()]),
+                force,
+            } => {
+                let id = id.to_string();
+                let mut args = vec![id.as_str(), raft_addr, dksp_addr];
+                if *force {
+                    args.push("FORCE");
+                }
+                encode("ADD_REPLICA", &args)
+            }
+            Request::RemoveReplica { id, force } => {
+                let id = id.to_string();
+                let mut args = vec![id.as_str()];
+                if *force {
+                    args.push("FORCE");
+                }
+                encode("REMOVE_REPLICA", &args)
+            }
             Request::CkptPut { id, offset, data } => encode(
                 "CKPT_PUT",
                 &[
@@ -249,5 +274,20 @@ impl Request {
             Request::Hops => encode("HOPS", &none),
             Request::Quit => encode("QUIT", &none),
         }
+    }
+}
+
+/// Whether argument `i` (optional, the last) is `FORCE`; anything else there is a syntax error.
+fn force_flag(c: &Cmd, i: usize, usage: &str) -> Result<bool, ServerError> {
+    match c.args.get(i) {
+        None => Ok(false),
+        Some(a) if a.eq_ignore_ascii_case(b"FORCE") => Ok(true),
+        Some(a) => Err(ServerError::new(
+            ErrorCode::Syntax,
+            format!(
+                "expected FORCE, got {}; usage: {usage}",
+                crate::token::display(a)
+            ),
+        )),
     }
 }

@@ -15,11 +15,11 @@
 //!   upload run in the background.
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use protocol::kvlog::Checkpoint;
 use protocol::log::Request as LogRequest;
 use protocol::{Client, LogClient, Response};
 
@@ -35,19 +35,6 @@ pub(crate) const CKPT_WINDOW: usize = 8;
 const CKPT_COPY_KEYS: usize = 16 * 1024;
 /// How long after a failed checkpoint the next may start.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(5);
-
-/// The checkpoint's content: the newest version of every live key as of a log index.
-#[derive(Serialize, Deserialize)]
-pub(crate) struct CheckpointData {
-    /// The log index it covers.
-    pub(crate) index: u64,
-    /// The newest commit timestamp in it.
-    pub(crate) max_ts: u64,
-    /// The epoch of the kvstore that wrote it.
-    pub(crate) epoch: u64,
-    /// `(key, ts, value)` of every live key.
-    pub(crate) entries: Vec<(Bytes, u64, Bytes)>,
-}
 
 /// When checkpoints are due, and whether one is under way (see the module header).
 pub struct Checkpointer {
@@ -195,7 +182,7 @@ pub(crate) async fn start(e: &Arc<Engine>, ticket: Ticket, index: u64) {
     let copied = started.elapsed();
     let keys = entries.len();
     tokio::spawn(async move {
-        let data = CheckpointData {
+        let data = Checkpoint {
             index,
             max_ts,
             epoch: e.life.epoch(),
@@ -203,7 +190,7 @@ pub(crate) async fn start(e: &Arc<Engine>, ticket: Ticket, index: u64) {
         };
         // Encoding a large checkpoint takes a CPU for a while: keep it off the runtime's
         // threads, which serve clients and the committer meanwhile. The copy is freed there too.
-        let encoded = tokio::task::spawn_blocking(move || postcard::to_stdvec(&data)).await;
+        let encoded = tokio::task::spawn_blocking(move || data.encode()).await;
         let result = match encoded {
             Ok(Ok(bytes)) => upload_checkpoint(&e.cfg.log, &e.cfg.trust, index, &bytes).await,
             Ok(Err(err)) => Err(CheckpointError::Encode(err.to_string())),

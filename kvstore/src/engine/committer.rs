@@ -34,7 +34,7 @@ use protocol::{Client, ClientError, ErrorCode, LogClient, Response};
 
 use super::batch::{build_batch, expire, expire_sent, Batch, CommitReq, Outbox};
 use super::decide::{after_gap, decide, GapEnd, Returned, Step};
-use super::error::EngineError;
+use super::error::{EngineError, GapError};
 use super::Engine;
 use crate::record::Record;
 
@@ -506,6 +506,13 @@ async fn read_gap_until_done(
                 if let Some(by) = e.life.fenced_by() {
                     return GapEnd::FencedMeanwhile(by);
                 }
+            }
+            Err(GapError::Bad(bad)) => {
+                // Not another kvstore's entry but one no kvstore wrote: fence (acknowledge
+                // nothing more), and stop the process naming it, as a restart would.
+                tracing::error!("log entries {next}..={to} by another writer: {bad}");
+                e.halt(super::RecoveryError::BadRecord(bad));
+                return GapEnd::Unusable;
             }
             Err(err) => {
                 tracing::error!("log entries {next}..={to} by another writer: {err}");

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use protocol::ClientError;
 
+use super::vet::BadRecord;
 use crate::lifecycle::UNKNOWN_EPOCH;
-use crate::record::RecordError;
 
 /// Why a data command failed; the session answers it as the DKSP error of the same name.
 #[derive(Debug, thiserror::Error)]
@@ -63,9 +63,13 @@ pub enum GapError {
     /// checkpoints there, so another kvstore has taken over.
     #[error("compacted by another writer's checkpoint; the log now starts at {0}")]
     Compacted(u64),
-    /// An entry that is not kvstore records: nothing can be vouched for after it.
-    #[error("entry {0} is not kvstore records: {1}")]
-    Unreadable(u64, RecordError),
+    /// An entry that is not kvstore records, or carries a timestamp the sequencer never handed
+    /// out: nothing can be vouched for after it, and the process stops ([`super::vet`]).
+    #[error(transparent)]
+    Bad(BadRecord),
+    /// The sequencer could not be asked for `CURRENT` to vet a record: try again.
+    #[error("asking the sequencer for CURRENT: {0}")]
+    Sequencer(String),
     /// The log's indices ran out after this one.
     #[error("log index {0} has no successor")]
     NoSuccessor(u64),
@@ -95,7 +99,7 @@ impl GapError {
     pub fn is_transient(&self) -> bool {
         !matches!(
             self,
-            GapError::Compacted(_) | GapError::Unreadable(..) | GapError::NoSuccessor(_)
+            GapError::Compacted(_) | GapError::Bad(_) | GapError::NoSuccessor(_)
         )
     }
 }
@@ -119,6 +123,21 @@ pub enum CheckpointError {
     /// The checkpoint read back is not the one described.
     #[error("{0}")]
     Corrupt(String),
+    /// The checkpoint the log holds, read back whole with its CRC right, is not one this
+    /// kvstore can load (it does not decode, states another index, or holds timestamps the
+    /// sequencer never handed out). Fatal: every replica holds the same bytes.
+    #[error(
+        "the log's checkpoint {id} (at log index {index}) cannot be loaded: {why}; recovery stopped \
+         (docs/operations.md, \"A bad record in the log\")"
+    )]
+    Bad {
+        /// The checkpoint's id.
+        id: u64,
+        /// The log index `CKPT_INFO` says it covers.
+        index: u64,
+        /// What is wrong with it.
+        why: String,
+    },
     /// Encoding the checkpoint failed.
     #[error("encoding: {0}")]
     Encode(String),
@@ -152,12 +171,28 @@ pub enum RecoveryError {
     /// The log is unreachable or did not answer: try again.
     #[error("log: {0}")]
     Log(#[from] ClientError),
-    /// The checkpoint could not be loaded: try again.
+    /// The checkpoint could not be loaded: try again, unless it is [`CheckpointError::Bad`].
     #[error("checkpoint: {0}")]
     Checkpoint(#[from] CheckpointError),
     /// The log could not be read: try again.
     #[error("reading the log: {0}")]
-    Gap(#[from] GapError),
+    Gap(GapError),
+    /// An entry in the log that the kvstore will not apply (and will not skip, which could
+    /// lose data). Fatal, naming the index: see [`super::vet`].
+    #[error(
+        "recovery stopped at {0}; the log must be repaired or restored before a kvstore can start \
+         (docs/operations.md, \"A bad record in the log\")"
+    )]
+    BadRecord(BadRecord),
+}
+
+impl From<GapError> for RecoveryError {
+    fn from(e: GapError) -> Self {
+        match e {
+            GapError::Bad(bad) => RecoveryError::BadRecord(bad),
+            e => RecoveryError::Gap(e),
+        }
+    }
 }
 
 impl RecoveryError {
@@ -168,7 +203,9 @@ impl RecoveryError {
             RecoveryError::SequencerBehind { .. }
                 | RecoveryError::FencedWhileStarting(_)
                 | RecoveryError::NoSuccessor(_)
-                | RecoveryError::Gap(GapError::NoSuccessor(_))
+                | RecoveryError::Gap(GapError::NoSuccessor(_) | GapError::Bad(_))
+                | RecoveryError::BadRecord(_)
+                | RecoveryError::Checkpoint(CheckpointError::Bad { .. })
         )
     }
 }

@@ -8,6 +8,8 @@
 //! - [`decide`]: the committer's pure decision for an entry that came back from the log;
 //! - `recovery`: checkpoint, replay, taking over the log with `EPOCH`;
 //! - [`checkpoint`]: writing checkpoints, and the bookkeeping of when one is due;
+//! - [`vet`]: the check that stops the kvstore at a log record (or checkpoint) no kvstore of
+//!   this cluster wrote, naming its index;
 //! - [`error`]: the errors, one enum per boundary.
 //!
 //! The invariants each keeps are in its header. Those that hold across them: a commit is
@@ -15,7 +17,7 @@
 //! at snapshot `s` sees every commit below `s` (it waits for those in flight); and the store
 //! changes only in log order, by the committer or by recovery, never both at once.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -35,6 +37,7 @@ pub mod registry;
 pub mod snapshot;
 #[cfg(test)]
 mod tests;
+pub mod vet;
 
 pub use crate::lifecycle::{Mode, UNKNOWN_EPOCH};
 pub use committer::DEFAULT_LOG_PIPELINE;
@@ -97,6 +100,9 @@ pub struct Engine {
     checkpointer: Arc<checkpoint::Checkpointer>,
     /// Commit records applied in total (STATUS).
     pub commits: AtomicU64,
+    /// The highest timestamp the sequencer is known to have handed out (the end of our last
+    /// block, or a `CURRENT` asked for): records up to it pass [`vet::vet`] without asking.
+    handed_out: AtomicU64,
     /// Set when recovery stops for good: why.
     stopped: Mutex<Option<Arc<RecoveryError>>>,
     /// Fires when `stopped` is set.
@@ -121,6 +127,7 @@ impl Engine {
             checkpointer: Arc::new(checkpoint::Checkpointer::new(&cfg)),
             cfg,
             commits: AtomicU64::new(0),
+            handed_out: AtomicU64::new(0),
             stopped: Mutex::new(None),
             stop: Notify::new(),
         });
@@ -132,9 +139,7 @@ impl Engine {
                 match e.recover(&mut log).await {
                     Ok(()) => break,
                     Err(err) if err.is_fatal() => {
-                        tracing::error!("recovery stopped: {err}");
-                        *lock(&e.stopped) = Some(Arc::new(err));
-                        e.stop.notify_waiters();
+                        e.halt(err);
                         return;
                     }
                     Err(err) => {
@@ -145,12 +150,21 @@ impl Engine {
             }
             let from = e.life.applied_index().saturating_add(1);
             if e.cfg.follow_log {
-                tokio::spawn(crate::follow::follow(
-                    e.life.clone(),
-                    e.cfg.log.clone(),
-                    e.cfg.trust.clone(),
-                    from,
-                ));
+                let e = e.clone();
+                tokio::spawn(async move {
+                    let followed = crate::follow::follow(
+                        e.life.clone(),
+                        e.cfg.log.clone(),
+                        e.cfg.trust.clone(),
+                        from,
+                    );
+                    let Some(t) = followed.await else {
+                        return;
+                    };
+                    // Fenced already; an epoch the sequencer never handed out is no kvstore
+                    // taking over but a forged or corrupt record: stop, naming it.
+                    e.vet_takeover(t).await;
+                });
             }
             committer::committer_loop(e, rx, log).await;
         });
@@ -163,6 +177,82 @@ impl Engine {
             }
         });
         engine
+    }
+
+    /// Stops the kvstore for good with `err` (a failure that trying again cannot mend): logged,
+    /// and [`Engine::stopped`] returns it, so `main` exits with its one-line message.
+    pub(crate) fn halt(&self, err: RecoveryError) {
+        tracing::error!("recovery stopped: {err}");
+        let mut stopped = lock(&self.stopped);
+        if stopped.is_none() {
+            *stopped = Some(Arc::new(err));
+        }
+        drop(stopped);
+        self.stop.notify_waiters();
+    }
+
+    /// Asks the sequencer for `CURRENT`, the highest timestamp it has handed out, and
+    /// remembers it.
+    async fn sequencer_current(&self) -> Result<u64, String> {
+        let mut seq = self.sequencer.lock().await;
+        if seq.is_none() {
+            let c = Client::connect(self.cfg.sequencer.as_str())
+                .await
+                .map_err(|e| format!("{}: {e}", self.cfg.sequencer))?;
+            *seq = Some(c);
+        }
+        let Some(c) = seq.as_mut() else {
+            return Err("no sequencer connection".into());
+        };
+        match c.current_ts().await {
+            Ok(current) => {
+                self.handed_out.fetch_max(current, Ordering::SeqCst);
+                Ok(current)
+            }
+            Err(e) => {
+                *seq = None;
+                Err(format!("{}: {e}", self.cfg.sequencer))
+            }
+        }
+    }
+
+    /// [`vet::vet`] for log entry `index`: against what is known to be handed out, and if that
+    /// fails, against the sequencer's `CURRENT` asked now.
+    pub(crate) async fn vet_entry(
+        &self,
+        index: u64,
+        records: &[crate::record::Record],
+    ) -> Result<(), error::GapError> {
+        if vet::vet(index, records, self.handed_out.load(Ordering::SeqCst)).is_ok() {
+            return Ok(());
+        }
+        let current = self
+            .sequencer_current()
+            .await
+            .map_err(error::GapError::Sequencer)?;
+        vet::vet(index, records, current).map_err(error::GapError::Bad)
+    }
+
+    /// The follower saw a newer `EPOCH` and fenced this kvstore: if the sequencer never handed
+    /// that epoch out, it is no takeover but a forged or corrupt record, and the process stops.
+    async fn vet_takeover(&self, t: crate::follow::Takeover) {
+        let records = [crate::record::Record::Epoch(t.epoch)];
+        loop {
+            match self.vet_entry(t.index, &records).await {
+                Ok(()) => return,
+                Err(error::GapError::Bad(bad)) => {
+                    self.halt(RecoveryError::BadRecord(bad));
+                    return;
+                }
+                Err(err) => {
+                    tracing::warn!(
+                        "vetting the EPOCH at log index {}: {err}; retrying",
+                        t.index
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
 
     /// Waits until recovery stops for good, and returns why (the process should exit with it).

@@ -10,18 +10,22 @@
 //!
 //! A failed attempt starts over from an empty store with a new epoch, unless the failure is
 //! one that trying again cannot mend ([`RecoveryError::is_fatal`]): the log holds an epoch
-//! newer than the sequencer's (it would hand out used timestamps), or a newer kvstore took
-//! over while this one started (starting again would take the log back from it).
+//! newer than the sequencer's (it would hand out used timestamps), a newer kvstore took
+//! over while this one started (starting again would take the log back from it), or an entry
+//! or the checkpoint is not what a kvstore of this cluster writes ([`super::vet`]: every entry
+//! is vetted before it is applied, and neither applying nor skipping it is safe).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+use protocol::kvlog::Checkpoint;
 use protocol::log::Request as LogRequest;
 use protocol::{ClientError, ErrorCode, LogClient, Response};
 
-use super::checkpoint::{connect_alongside, CheckpointData, CKPT_CHUNK, CKPT_WINDOW};
+use super::checkpoint::{connect_alongside, CKPT_CHUNK, CKPT_WINDOW};
 use super::error::{CheckpointError, GapError, RecoveryError};
+use super::vet::{vet_checkpoint, BadRecord, Fault};
 use super::Engine;
 use crate::lifecycle::{lock, Mode};
 use crate::mvcc::Store;
@@ -74,6 +78,7 @@ impl Engine {
         let mut entries = 0;
         while let Some(page) = pages.recv().await {
             for (i, bytes, records) in page? {
+                self.vet_entry(i, &records).await?;
                 self.apply_counted(records, bytes, epoch);
                 last = i;
                 entries += 1;
@@ -110,7 +115,8 @@ impl Engine {
         let mut seen_epoch = 0u64;
         let mut index = 0u64;
         let started = std::time::Instant::now();
-        if let Some((ck, len)) = load_checkpoint(log).await? {
+        if let Some((ck, len, info)) = load_checkpoint(log).await? {
+            self.vet_checkpoint(&ck, &info).await?;
             let fetched = started.elapsed().as_secs_f64();
             self.checkpointer.loaded(len);
             let mut store = self.store.write().unwrap_or_else(|p| p.into_inner());
@@ -175,6 +181,36 @@ impl Engine {
         Ok(())
     }
 
+    /// [`vet_checkpoint`] for the checkpoint `ck` that `CKPT_INFO` described as `info`, asking
+    /// the sequencer for `CURRENT` only if what is known handed out does not cover it.
+    async fn vet_checkpoint(
+        &self,
+        ck: &Checkpoint,
+        info: &protocol::log_client::CheckpointInfo,
+    ) -> Result<(), RecoveryError> {
+        let header = protocol::kvlog::CheckpointHeader {
+            index: ck.index,
+            max_ts: ck.max_ts,
+            epoch: ck.epoch,
+            keys: ck.entries.len() as u64,
+        };
+        let known = self.handed_out.load(Ordering::SeqCst);
+        if vet_checkpoint(info.index, &header, known).is_ok() {
+            return Ok(());
+        }
+        let current = self
+            .sequencer_current()
+            .await
+            .map_err(|e| RecoveryError::Sequencer(super::EngineError::Unavailable(e)))?;
+        vet_checkpoint(info.index, &header, current).map_err(|fault| {
+            RecoveryError::Checkpoint(CheckpointError::Bad {
+                id: info.id,
+                index: info.index,
+                why: fault.to_string(),
+            })
+        })
+    }
+
     /// Reads and applies the entries `*next..=to`, advancing `*next` past each one applied, so
     /// a caller that retries after an error neither skips nor repeats one.
     pub(super) async fn read_gap(
@@ -219,14 +255,22 @@ impl Engine {
                 return Err(GapError::OutOfStep(*next));
             }
             for (i, payload) in page.into_iter().take_while(|(i, _)| *i <= to) {
-                let records =
-                    Record::parse_entry(&payload).map_err(|e| GapError::Unreadable(i, e))?;
+                let records = Record::parse_entry(&payload).map_err(|e| unparseable(i, e))?;
+                self.vet_entry(i, &records).await?;
                 self.apply_counted(records, payload.len(), epoch);
                 *next = i.checked_add(1).ok_or(GapError::NoSuccessor(i))?;
             }
         }
         Ok(())
     }
+}
+
+/// Entry `index` does not parse as kvstore records.
+fn unparseable(index: u64, e: crate::record::RecordError) -> GapError {
+    GapError::Bad(BadRecord {
+        index,
+        fault: Fault::Unparseable(e),
+    })
 }
 
 /// One page of parsed log entries (index, payload bytes, records), or the error that ended the
@@ -260,8 +304,7 @@ fn prefetch_pages(
             let parsed: Page = page
                 .into_iter()
                 .map(|(i, payload)| {
-                    let records =
-                        Record::parse_entry(&payload).map_err(|e| GapError::Unreadable(i, e))?;
+                    let records = Record::parse_entry(&payload).map_err(|e| unparseable(i, e))?;
                     Ok((i, payload.len(), records))
                 })
                 .collect();
@@ -281,11 +324,11 @@ fn prefetch_pages(
 /// The latest checkpoint and its size in bytes, if there is one.
 async fn load_checkpoint(
     log: &mut LogClient,
-) -> Result<Option<(CheckpointData, u64)>, CheckpointError> {
+) -> Result<Option<(Checkpoint, u64, protocol::log_client::CheckpointInfo)>, CheckpointError> {
     let Some(info) = log.checkpoint_info().await? else {
         return Ok(None);
     };
-    let (id, len) = (info.id, info.len);
+    let (id, len, committed_at) = (info.id, info.len, info.index);
     // Chunks are requested CKPT_WINDOW at a time on one connection to the replica that
     // answered, so its work and ours overlap instead of taking turns.
     let (addr, mut conn) = connect_alongside(log).await?;
@@ -330,7 +373,13 @@ async fn load_checkpoint(
         return Err(CheckpointError::Corrupt("checkpoint fails its CRC".into()));
     }
     tracing::info!("fetched checkpoint {id}: {len} bytes");
-    postcard::from_bytes(&data)
-        .map(|ck| Some((ck, len)))
-        .map_err(|e| CheckpointError::Corrupt(format!("undecodable checkpoint: {e}")))
+    // The bytes are the ones the log committed (length and CRC match), and every replica holds
+    // the same: a checkpoint that does not decode will never load, so this is fatal.
+    Checkpoint::decode(&data)
+        .map(|ck| Some((ck, len, info)))
+        .map_err(|e| CheckpointError::Bad {
+            id,
+            index: committed_at,
+            why: e.to_string(),
+        })
 }

@@ -167,7 +167,14 @@ impl Engine {
             }
             if let Some(c) = seq.as_mut() {
                 match c.next_block(TS_BLOCK).await {
-                    Ok(first) => return lock(&self.txns).refill(first),
+                    Ok(first) => {
+                        // The whole block is handed out now: records up to its end pass
+                        // `vet` without asking the sequencer.
+                        let last = first.saturating_add(TS_BLOCK - 1);
+                        self.handed_out
+                            .fetch_max(last, std::sync::atomic::Ordering::SeqCst);
+                        return lock(&self.txns).refill(first);
+                    }
                     Err(e) => {
                         last_err = e.to_string();
                         *seq = None;

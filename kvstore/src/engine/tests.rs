@@ -228,6 +228,16 @@ fn only_a_start_that_cannot_succeed_is_fatal() {
         RecoveryError::FencedWhileStarting(9),
         RecoveryError::NoSuccessor(u64::MAX),
         RecoveryError::Gap(GapError::NoSuccessor(u64::MAX)),
+        // A record or a checkpoint no kvstore wrote: the same bytes are there next time.
+        RecoveryError::from(GapError::Bad(super::vet::BadRecord {
+            index: 17,
+            fault: super::vet::Fault::Zero("EPOCH"),
+        })),
+        RecoveryError::Checkpoint(super::error::CheckpointError::Bad {
+            id: 4,
+            index: 40,
+            why: "does not decode".into(),
+        }),
     ];
     for e in &fatal {
         assert!(e.is_fatal(), "{e}");
@@ -246,6 +256,19 @@ fn only_a_start_that_cannot_succeed_is_fatal() {
     assert!(GapError::OutOfStep(3).is_transient());
     assert!(!GapError::Compacted(5).is_transient());
     assert!(!GapError::NoSuccessor(u64::MAX).is_transient());
+    assert!(GapError::Sequencer("unreachable".into()).is_transient());
+    // A bad record stops recovery with one line naming its index.
+    let msg = fatal[4].to_string();
+    assert!(
+        msg.starts_with("recovery stopped at log index 17: EPOCH is 0"),
+        "{msg}"
+    );
+    assert!(!msg.contains('\n'));
+    let msg = fatal[5].to_string();
+    assert!(
+        msg.contains("checkpoint 4 (at log index 40) cannot be loaded"),
+        "{msg}"
+    );
     // The message names the cause and the remedy, on one line.
     let msg = fatal[0].to_string();
     assert!(msg.contains("sequencer is behind the log") && msg.contains("--reset-to"));

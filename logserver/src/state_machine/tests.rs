@@ -124,3 +124,139 @@ fn a_damaged_snapshot_file_refuses_to_open_and_says_what_is_wrong() {
         "{msg}"
     );
 }
+
+/// Stages `data` as upload `id` and commits it at `index`.
+fn commit_upload(d: &mut SmData, id: u64, index: u64, data: &[u8]) -> OpResult {
+    let staged = apply_op(
+        d,
+        Op::CkptChunk {
+            id,
+            offset: 0,
+            data: Bytes::copy_from_slice(data),
+        },
+    );
+    assert!(matches!(staged, OpResult::Done));
+    apply_op(
+        d,
+        Op::CkptCommit {
+            id,
+            index,
+            len: data.len() as u64,
+            crc: crc32c::crc32c(data),
+        },
+    )
+}
+
+/// A checkpoint as the kvstore encodes it, stating `index`.
+fn kv_checkpoint(index: u64) -> Vec<u8> {
+    postcard::to_stdvec(&protocol::kvlog::Checkpoint {
+        index,
+        max_ts: 20,
+        epoch: 3,
+        entries: vec![(Bytes::from("k"), 20, Bytes::from("v"))],
+    })
+    .unwrap()
+}
+
+fn with_entries(n: u64) -> SmData {
+    let mut d = SmData::default();
+    for seq in 1..=n {
+        assert!(matches!(
+            append(&mut d, seq, b"EPOCH 1"),
+            OpResult::Appended(_)
+        ));
+    }
+    d
+}
+
+fn rejected(r: OpResult) -> String {
+    match r {
+        OpResult::Rejected(why) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_checkpoint_of_junk_is_refused_and_the_log_stays_whole() {
+    // The attack: `CKPT_PUT 424242 0 x`, then a commit at the last index with the
+    // right length and CRC.
+    let mut d = with_entries(5);
+    let why = rejected(commit_upload(&mut d, 424242, 5, b"x"));
+    assert!(
+        why.contains("does not decode as a kvstore checkpoint"),
+        "{why}"
+    );
+    assert_eq!((d.first_index, d.entries.len()), (1, 5));
+    assert!(d.checkpoint.is_none());
+    // The junk upload is gone: it can never commit.
+    assert!(d.staging.is_none());
+}
+
+#[test]
+fn a_checkpoint_must_cover_entries_that_exist_above_the_current_one() {
+    let mut d = with_entries(5);
+    let why = rejected(commit_upload(&mut d, 1, 6, &kv_checkpoint(6)));
+    assert!(why.contains("beyond the last entry 5"), "{why}");
+    let why = rejected(commit_upload(&mut d, 1, 0, &kv_checkpoint(0)));
+    assert!(why.contains("index 0 covers no entry"), "{why}");
+    assert!(matches!(
+        commit_upload(&mut d, 1, 3, &kv_checkpoint(3)),
+        OpResult::Done
+    ));
+    assert_eq!((d.first_index, d.entries.len()), (4, 2));
+    for index in [2, 3] {
+        let why = rejected(commit_upload(&mut d, 2, index, &kv_checkpoint(index)));
+        assert!(
+            why.contains("not above the current checkpoint's (3)"),
+            "{why}"
+        );
+    }
+    assert_eq!(d.checkpoint.as_ref().map(|c| c.index), Some(3));
+}
+
+#[test]
+fn a_checkpoint_stating_another_index_than_its_commit_is_refused() {
+    let mut d = with_entries(5);
+    let why = rejected(commit_upload(&mut d, 1, 4, &kv_checkpoint(2)));
+    assert!(
+        why.contains("says it covers index 2, the commit says 4"),
+        "{why}"
+    );
+    assert_eq!((d.first_index, d.entries.len()), (1, 5));
+}
+
+#[test]
+fn an_incomplete_or_damaged_upload_is_refused() {
+    let mut d = with_entries(5);
+    let data = kv_checkpoint(4);
+    let staged = apply_op(
+        &mut d,
+        Op::CkptChunk {
+            id: 1,
+            offset: 0,
+            data: Bytes::copy_from_slice(&data[..data.len() - 1]),
+        },
+    );
+    assert!(matches!(staged, OpResult::Done));
+    let commit = |crc| Op::CkptCommit {
+        id: 1,
+        index: 4,
+        len: data.len() as u64,
+        crc,
+    };
+    let why = rejected(apply_op(&mut d, commit(crc32c::crc32c(&data))));
+    assert!(why.contains("bytes staged, commit says"), "{why}");
+    let rest = Op::CkptChunk {
+        id: 1,
+        offset: data.len() as u64 - 1,
+        data: Bytes::copy_from_slice(&data[data.len() - 1..]),
+    };
+    assert!(matches!(apply_op(&mut d, rest), OpResult::Done));
+    let why = rejected(apply_op(&mut d, commit(crc32c::crc32c(&data) ^ 1)));
+    assert!(why.contains("fails its CRC"), "{why}");
+    assert!(matches!(
+        apply_op(&mut d, commit(crc32c::crc32c(&data))),
+        OpResult::Done
+    ));
+    assert_eq!(d.first_index, 5);
+}
