@@ -13,10 +13,12 @@
 pub mod hops;
 pub mod jepsen;
 pub mod loadgen;
+pub mod secure;
 mod system;
 pub mod workload;
 
-pub use system::{wait_serving, LogCluster, Replica, System};
+pub use secure::{Credentials, Security};
+pub use system::{wait_serving, wait_serving_with, LogCluster, Replica, System};
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -209,12 +211,23 @@ impl Drop for Proc {
 }
 
 /// Polls `PING` until the server answers `PONG` (readiness, not a sleep), or fails after
-/// `timeout` with the process's log.
+/// `timeout` with the process's log. Dials with `DTKV_TEST_SECURE`'s credentials.
 pub async fn wait_ready(addr: SocketAddr, proc_: &mut Proc, timeout: Duration) {
+    wait_ready_with(addr, proc_, timeout, &Credentials::from_env()).await
+}
+
+/// [`wait_ready`], dialling with `creds`.
+pub async fn wait_ready_with(
+    addr: SocketAddr,
+    proc_: &mut Proc,
+    timeout: Duration,
+    creds: &Credentials,
+) {
     let deadline = Instant::now() + timeout;
+    let addr_s = addr.to_string();
     loop {
         if let Ok(Ok(mut c)) =
-            tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(addr)).await
+            tokio::time::timeout(Duration::from_secs(1), creds.connect_any(&addr_s)).await
         {
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), c.ping()).await {
                 return;
@@ -247,23 +260,41 @@ pub struct Sequencer {
     /// Its `--data-dir`.
     pub data_dir: PathBuf,
     extra: Vec<String>,
+    /// The credentials it runs with.
+    pub creds: Credentials,
 }
 
 impl Sequencer {
     /// Starts a sequencer on a free port with `data_dir` and the `extra` arguments, and waits until
     /// it answers `PING`.
+    /// Runs with `DTKV_TEST_SECURE`'s credentials, if any.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Sequencer {
+        Sequencer::start_with(data_dir, extra, Credentials::from_env()).await
+    }
+
+    /// [`start`](Self::start) with `creds` (their flags are added to `extra`).
+    pub async fn start_with(data_dir: &Path, extra: &[&str], creds: Credentials) -> Sequencer {
         let addr = local(free_port());
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        extra.extend(creds.args());
         let proc_ = Self::spawn(addr, data_dir, &extra);
         let mut s = Sequencer {
             proc_,
             addr,
             data_dir: data_dir.to_path_buf(),
             extra,
+            creds,
         };
-        wait_ready(s.addr, &mut s.proc_, Duration::from_secs(20)).await;
+        wait_ready_with(s.addr, &mut s.proc_, Duration::from_secs(20), &s.creds).await;
         s
+    }
+
+    /// A member connection to it.
+    pub async fn connect(&self) -> protocol::Client {
+        self.creds
+            .connect_member(&self.addr.to_string())
+            .await
+            .expect("connecting to the sequencer")
     }
 
     fn spawn(addr: SocketAddr, data_dir: &Path, extra: &[String]) -> Proc {
@@ -281,13 +312,29 @@ impl Sequencer {
     pub async fn crash_and_restart(&mut self) {
         self.proc_.kill9();
         self.proc_ = Self::spawn(self.addr, &self.data_dir, &self.extra);
-        wait_ready(self.addr, &mut self.proc_, Duration::from_secs(20)).await;
+        wait_ready_with(
+            self.addr,
+            &mut self.proc_,
+            Duration::from_secs(20),
+            &self.creds,
+        )
+        .await;
     }
 }
 
-/// Parses a `STATUS` reply into key/value pairs.
+/// Parses a `STATUS` reply into key/value pairs (dialling with `DTKV_TEST_SECURE`'s
+/// credentials, as a member where the server has members).
 pub async fn status(addr: SocketAddr) -> Option<std::collections::HashMap<String, String>> {
-    let mut c = tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(addr))
+    status_with(addr, &Credentials::from_env()).await
+}
+
+/// [`status`], dialling with `creds`.
+pub async fn status_with(
+    addr: SocketAddr,
+    creds: &Credentials,
+) -> Option<std::collections::HashMap<String, String>> {
+    let addr = addr.to_string();
+    let mut c = tokio::time::timeout(Duration::from_secs(1), creds.connect_any(&addr))
         .await
         .ok()?
         .ok()?;
