@@ -8,7 +8,7 @@
 
 use cluster_tests::loadgen::percentile as pct;
 use cluster_tests::LogCluster;
-use protocol::{LogClient, Response};
+use protocol::Response;
 use std::time::{Duration, Instant};
 
 const SECONDS: f64 = 5.0;

@@ -132,7 +132,6 @@ impl Credentials {
     /// The credentials of `DTKV_TEST_SECURE`: one set per test process, made on first use in a
     /// temp dir removed at exit; none when the variable is unset.
     pub fn from_env() -> Credentials {
-        static ENV: OnceLock<(Credentials, Option<PathBuf>)> = OnceLock::new();
         let (c, _) = ENV.get_or_init(|| {
             let security = Security::from_env();
             if !security.any() {
@@ -147,6 +146,27 @@ impl Credentials {
             (Credentials::make(security, &dir, "dtkv test CA"), Some(dir))
         });
         c.clone()
+    }
+
+    /// Credentials from existing files (a tool run against `make run`'s system, such as
+    /// drill), for the harness's clients.
+    pub fn from_files(args: &TrustArgs) -> Result<Credentials, protocol::trust::TrustError> {
+        let member = args.load()?;
+        Ok(Credentials {
+            security: Security {
+                secret: member.secret.is_some(),
+                tls: member.tls.is_some(),
+            },
+            secret_file: args.cluster_secret_file.clone(),
+            certs: None,
+            member,
+        })
+    }
+
+    /// Makes `self` what [`from_env`](Self::from_env) returns in this process (before its
+    /// first use; false after it).
+    pub fn install(self) -> bool {
+        ENV.set((self, None)).is_ok()
     }
 
     /// The server flags naming these files, for every process of the system.
@@ -205,6 +225,9 @@ impl Credentials {
         Ok(c)
     }
 }
+
+/// The process's harness credentials (see [`Credentials::from_env`]).
+static ENV: OnceLock<(Credentials, Option<PathBuf>)> = OnceLock::new();
 
 /// Removes the env credentials' dir when the test process exits (statics are never dropped).
 fn register_cleanup(dir: PathBuf) {
