@@ -76,7 +76,7 @@ const COLLECT_EVERY: Duration = Duration::from_millis(500);
 
 async fn hops_of(addr: &str) -> anyhow::Result<Vec<Mark>> {
     let mut c = crate::Credentials::from_env()
-        .connect_any(&addr.to_string())
+        .connect_any(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     let lines = c.call_multi(b"HOPS").await.with_context(|| {
