@@ -1,5 +1,5 @@
 # The two commands that matter: `make run` (start the whole system) and `make test`.
-.PHONY: run stop status cluster build test torture lint drill bench-seq bench-log bench-kv bench bench-peers bench-latency soak clean
+.PHONY: run stop status cluster build test torture torture-secure lint drill bench-seq bench-log bench-kv bench bench-peers bench-latency soak clean
 
 DATA ?= ./data
 
@@ -35,6 +35,13 @@ SEED ?=
 torture:
 	cargo build --workspace --bins
 	TORTURE_SECONDS=$(SECONDS) TORTURE_SEED=$(SEED) \
+		cargo test -p cluster-tests --test jepsen -- --ignored --exact torture --nocapture
+
+## The same with TLS and the cluster secret on every process and every test client
+## (DTKV_TEST_SECURE=tls+secret; also works for any cluster-tests test or bench, e.g. bench-kv).
+torture-secure:
+	cargo build --workspace --bins
+	DTKV_TEST_SECURE=tls+secret TORTURE_SECONDS=$(SECONDS) TORTURE_SEED=$(SEED) \
 		cargo test -p cluster-tests --test jepsen -- --ignored --exact torture --nocapture
 
 ## Recovery drill against the running system: kill -9 the kvstore and the log leader under load.

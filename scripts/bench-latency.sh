@@ -19,7 +19,9 @@ mkdir -p "$out"
 trap stop_dtkv EXIT
 DTKV_LOG_ARGS="${DTKV_LOG_ARGS:-} --trace-hops" DTKV_KV_ARGS="${DTKV_KV_ARGS:-} --trace-hops" \
   start_dtkv
-"$BENCH_BIN/dtkv-bench" hops --addr 127.0.0.1:10000 \
+# HOPS on the logservers is for cluster members: the bench proves membership with the secret
+# scripts/dtkv.sh made.
+DTKV_CLUSTER_SECRET_FILE="$BENCH_DATA/cluster.secret" "$BENCH_BIN/dtkv-bench" hops --addr 127.0.0.1:10000 \
   --log 127.0.0.1:10002,127.0.0.1:10012,127.0.0.1:10022 --data-dir "$BENCH_DATA" \
   --clients "${BENCH_CLIENTS:-1,2,4,8}" --duration "${BENCH_SECONDS:-5}s" \
   --date "$date" --markdown "$out/$date-latency.md"

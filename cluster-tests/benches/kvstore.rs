@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use cluster_tests::loadgen::{percentile as pct, Zipf};
 use cluster_tests::System;
-use protocol::{Client, CommitOutcome, Response};
+use protocol::{CommitOutcome, Response};
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,10 @@ async fn run(addr: std::net::SocketAddr, work: Work, clients: usize, depth: usiz
             let zipf = zipf.clone();
             tokio::spawn(async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(w as u64);
-                let mut c = Client::connect(addr).await.expect("connect");
+                let mut c = cluster_tests::Credentials::from_env()
+                    .connect_any(&addr.to_string())
+                    .await
+                    .expect("connect");
                 let (mut ops, mut aborts, mut lat) = (0usize, 0usize, Vec::new());
                 match work {
                     Work::Put | Work::Get => {
@@ -260,7 +263,7 @@ fn main() {
             .map(|w| {
                 let value = value.clone();
                 tokio::spawn(async move {
-                    let mut c = Client::connect(addr).await.expect("connect");
+                    let mut c = cluster_tests::Credentials::from_env().connect_any(&addr.to_string()).await.expect("connect");
                     let mut sent = 0;
                     let mut got = 0;
                     while got < per {

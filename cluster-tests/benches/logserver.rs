@@ -8,7 +8,7 @@
 
 use cluster_tests::loadgen::percentile as pct;
 use cluster_tests::LogCluster;
-use protocol::{Client, LogClient, Response};
+use protocol::Response;
 use std::time::{Duration, Instant};
 
 const SECONDS: f64 = 5.0;
@@ -22,7 +22,10 @@ async fn run(leader: String, clients: usize, depth: usize) -> (f64, Vec<u32>) {
             let leader = leader.clone();
             let payload = payload.clone();
             tokio::spawn(async move {
-                let Ok(mut c) = Client::connect(leader.as_str()).await else {
+                let Ok(mut c) = cluster_tests::Credentials::from_env()
+                    .connect_any(leader.as_str())
+                    .await
+                else {
                     return Vec::new();
                 };
                 let mut lat = Vec::new();
@@ -90,7 +93,7 @@ fn main() {
             let l = c.wait_for_leader().await;
             let load = tokio::spawn(run(c.replicas[l].dksp.to_string(), 16, 1));
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let mut probe = LogClient::new(c.addrs());
+            let mut probe = c.log_client();
             probe.deadline = Duration::from_secs(30);
             let killed = Instant::now();
             c.kill9(l);

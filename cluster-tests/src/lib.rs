@@ -13,10 +13,12 @@
 pub mod hops;
 pub mod jepsen;
 pub mod loadgen;
+pub mod secure;
 mod system;
 pub mod workload;
 
-pub use system::{wait_serving, wait_serving_as, LogCluster, Replica, System};
+pub use secure::{Credentials, Security};
+pub use system::{wait_serving, wait_serving_as, wait_serving_with, LogCluster, Replica, System};
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -209,12 +211,23 @@ impl Drop for Proc {
 }
 
 /// Polls `PING` until the server answers `PONG` (readiness, not a sleep), or fails after
-/// `timeout` with the process's log.
+/// `timeout` with the process's log. Dials with `DTKV_TEST_SECURE`'s credentials.
 pub async fn wait_ready(addr: SocketAddr, proc_: &mut Proc, timeout: Duration) {
+    wait_ready_with(addr, proc_, timeout, &Credentials::from_env()).await
+}
+
+/// [`wait_ready`], dialling with `creds`.
+pub async fn wait_ready_with(
+    addr: SocketAddr,
+    proc_: &mut Proc,
+    timeout: Duration,
+    creds: &Credentials,
+) {
     let deadline = Instant::now() + timeout;
+    let addr_s = addr.to_string();
     loop {
         if let Ok(Ok(mut c)) =
-            tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(addr)).await
+            tokio::time::timeout(Duration::from_secs(1), creds.connect_any(&addr_s)).await
         {
             if let Ok(Ok(())) = tokio::time::timeout(Duration::from_secs(1), c.ping()).await {
                 return;
@@ -247,23 +260,41 @@ pub struct Sequencer {
     /// Its `--data-dir`.
     pub data_dir: PathBuf,
     extra: Vec<String>,
+    /// The credentials it runs with.
+    pub creds: Credentials,
 }
 
 impl Sequencer {
     /// Starts a sequencer on a free port with `data_dir` and the `extra` arguments, and waits until
     /// it answers `PING`.
+    /// Runs with `DTKV_TEST_SECURE`'s credentials, if any.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Sequencer {
+        Sequencer::start_with(data_dir, extra, Credentials::from_env()).await
+    }
+
+    /// [`start`](Self::start) with `creds` (their flags are added to `extra`).
+    pub async fn start_with(data_dir: &Path, extra: &[&str], creds: Credentials) -> Sequencer {
         let addr = local(free_port());
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        extra.extend(creds.args());
         let proc_ = Self::spawn(addr, data_dir, &extra);
         let mut s = Sequencer {
             proc_,
             addr,
             data_dir: data_dir.to_path_buf(),
             extra,
+            creds,
         };
-        wait_ready(s.addr, &mut s.proc_, Duration::from_secs(20)).await;
+        wait_ready_with(s.addr, &mut s.proc_, Duration::from_secs(20), &s.creds).await;
         s
+    }
+
+    /// A member connection to it.
+    pub async fn connect(&self) -> protocol::Client {
+        self.creds
+            .connect_member(&self.addr.to_string())
+            .await
+            .expect("connecting to the sequencer")
     }
 
     fn spawn(addr: SocketAddr, data_dir: &Path, extra: &[String]) -> Proc {
@@ -281,7 +312,13 @@ impl Sequencer {
     pub async fn crash_and_restart(&mut self) {
         self.proc_.kill9();
         self.proc_ = Self::spawn(self.addr, &self.data_dir, &self.extra);
-        wait_ready(self.addr, &mut self.proc_, Duration::from_secs(20)).await;
+        wait_ready_with(
+            self.addr,
+            &mut self.proc_,
+            Duration::from_secs(20),
+            &self.creds,
+        )
+        .await;
     }
 }
 
@@ -323,16 +360,27 @@ pub async fn connect(
     addr: SocketAddr,
     auth: Option<&Auth>,
 ) -> protocol::client::Result<protocol::Client> {
-    let mut c = protocol::Client::connect(addr).await?;
+    let mut c = Credentials::from_env()
+        .connect_kv(&addr.to_string())
+        .await?;
     if let Some(a) = auth {
         a.login(&mut c).await?;
     }
     Ok(c)
 }
 
-/// Parses a `STATUS` reply into key/value pairs.
+/// Parses a `STATUS` reply into key/value pairs (dialling with `DTKV_TEST_SECURE`'s
+/// credentials, as a member where the server has members).
 pub async fn status(addr: SocketAddr) -> Option<std::collections::HashMap<String, String>> {
-    status_as(addr, None).await
+    status_with(addr, &Credentials::from_env()).await
+}
+
+/// [`status`], dialling with `creds`.
+pub async fn status_with(
+    addr: SocketAddr,
+    creds: &Credentials,
+) -> Option<std::collections::HashMap<String, String>> {
+    status_full(addr, creds, None).await
 }
 
 /// [`status`] after `AUTH` with `auth` (a kvstore with `--users` answers `STATUS` only to an
@@ -341,7 +389,23 @@ pub async fn status_as(
     addr: SocketAddr,
     auth: Option<&Auth>,
 ) -> Option<std::collections::HashMap<String, String>> {
-    let mut c = tokio::time::timeout(Duration::from_secs(1), connect(addr, auth))
+    status_full(addr, &Credentials::from_env(), auth).await
+}
+
+/// [`status`] dialling with `creds` and, with `auth`, after `AUTH`.
+pub async fn status_full(
+    addr: SocketAddr,
+    creds: &Credentials,
+    auth: Option<&Auth>,
+) -> Option<std::collections::HashMap<String, String>> {
+    let dial = async {
+        let mut c = creds.connect_any(&addr.to_string()).await?;
+        if let Some(a) = auth {
+            a.login(&mut c).await?;
+        }
+        Ok::<_, protocol::ClientError>(c)
+    };
+    let mut c = tokio::time::timeout(Duration::from_secs(1), dial)
         .await
         .ok()?
         .ok()?;

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::{free_port, local, status, wait_ready, wait_until, Proc, Sequencer};
+use crate::{
+    free_port, local, status_with, wait_ready_with, wait_until, Credentials, Proc, Security,
+    Sequencer,
+};
 
 /// One logserver replica of a test cluster.
 pub struct Replica {
@@ -35,14 +38,14 @@ pub struct LogCluster {
     pub replicas: Vec<Replica>,
     /// Arguments for every replica.
     pub extra: Vec<String>,
+    /// The credentials every process of this cluster (and a [`System`] around it) runs with.
+    pub creds: Credentials,
 }
 
 impl LogCluster {
     /// Every entry of replica `i`, read in pages.
     pub async fn read_all(&self, i: usize) -> Vec<(u64, bytes::Bytes)> {
-        let mut client = protocol::Client::connect(self.replicas[i].dksp)
-            .await
-            .unwrap();
+        let mut client = self.connect_log(i).await;
         let mut out = Vec::new();
         let mut from = 1;
         loop {
@@ -62,7 +65,35 @@ impl LogCluster {
         c
     }
 
-    /// Three replicas with their ports and directories chosen, none started yet.
+    /// [`start`](Self::start) with credentials made in the cluster's temp dir.
+    pub async fn start_secured(extra: &[&str], security: Security) -> LogCluster {
+        let mut c = LogCluster::new_secured(extra, security);
+        c.launch().await;
+        c
+    }
+
+    /// [`new`](Self::new) with credentials made in the cluster's temp dir.
+    pub fn new_secured(extra: &[&str], security: Security) -> LogCluster {
+        let mut c = LogCluster::new(extra);
+        c.creds = Credentials::make(security, &c.dir.path().join("creds"), "dtkv test CA");
+        c
+    }
+
+    /// A member connection to replica `i` (0-based).
+    pub async fn connect_log(&self, i: usize) -> protocol::Client {
+        self.creds
+            .connect_member(&self.replicas[i].dksp.to_string())
+            .await
+            .unwrap_or_else(|e| panic!("connecting to replica {}: {e}", i + 1))
+    }
+
+    /// A log client over every replica, proving membership with the cluster's credentials.
+    pub fn log_client(&self) -> protocol::LogClient {
+        protocol::LogClient::new(self.addrs()).with_trust(self.creds.member.clone())
+    }
+
+    /// Three replicas with their ports and directories chosen, none started yet; with
+    /// `DTKV_TEST_SECURE`'s credentials, if any.
     pub fn new(extra: &[&str]) -> LogCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let replicas = (1..=3)
@@ -83,6 +114,7 @@ impl LogCluster {
             dir,
             replicas,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            creds: Credentials::from_env(),
         }
     }
 
@@ -112,7 +144,7 @@ impl LogCluster {
         let r = &self.replicas[i];
         let (dksp, log) = (r.dksp, self.dir.path().join(format!("log-{}.log", r.id)));
         let mut p = self.spawn_unready(i, init, &log);
-        wait_ready(dksp, &mut p, Duration::from_secs(20)).await;
+        wait_ready_with(dksp, &mut p, Duration::from_secs(20), &self.creds).await;
         self.replicas[i].proc_ = Some(p);
     }
 
@@ -136,6 +168,7 @@ impl LogCluster {
         if init {
             args.push("--init".into());
         }
+        args.extend(self.creds.args());
         args.extend(self.extra.iter().cloned());
         args.extend(r.extra.iter().cloned());
         std::fs::create_dir_all(&r.data_dir).expect("data dir");
@@ -163,7 +196,7 @@ impl LogCluster {
 
     /// Replica `i`'s `STATUS` as a map; `None` if it does not answer.
     pub async fn status(&self, i: usize) -> Option<std::collections::HashMap<String, String>> {
-        status(self.replicas[i].dksp).await
+        status_with(self.replicas[i].dksp, &self.creds).await
     }
 
     /// The index of the replica that says it is leader, if one does and the live replicas agree.
@@ -174,7 +207,7 @@ impl LogCluster {
             if r.proc_.is_none() {
                 continue;
             }
-            let s = status(r.dksp).await?;
+            let s = status_with(r.dksp, &self.creds).await?;
             if s.get("role").map(String::as_str) == Some("leader") {
                 leader = Some(i);
             }
@@ -210,11 +243,12 @@ impl LogCluster {
     /// Waits until replica `i` has applied logical index `last`.
     pub async fn wait_applied(&self, i: usize, last: u64) {
         let addr = self.replicas[i].dksp;
+        let creds = &self.creds;
         wait_until(
             Duration::from_secs(30),
             &format!("replica {} to apply index {last}", i + 1),
             || async move {
-                status(addr)
+                status_with(addr, creds)
                     .await
                     .and_then(|s| s.get("last")?.parse::<u64>().ok())
                     .is_some_and(|l| l >= last)
@@ -269,11 +303,55 @@ impl System {
         crate::connect(self.kv_addr, self.kv_auth.as_ref()).await
     }
 
-    /// A sequencer next to a running log cluster; the kvstore is not started yet.
+    /// [`start`](Self::start) with credentials (made in the system's temp dir) on every
+    /// process: the sequencer, the three replicas and the kvstore.
+    pub async fn start_secured(kv_extra: &[&str], security: Security) -> System {
+        let log = LogCluster::start_secured(&[], security).await;
+        let mut s = System::assemble(log, kv_extra).await;
+        s.start_kv().await;
+        s
+    }
+
+    /// The credentials every process runs with (the log cluster's).
+    pub fn creds(&self) -> &Credentials {
+        &self.log.creds
+    }
+
+    /// A client of the kvstore (under TLS if on; sends [`kv_auth`](Self::kv_auth) if set).
+    pub async fn connect_kv(&self) -> protocol::Client {
+        let mut c = self
+            .log
+            .creds
+            .connect_kv(&self.kv_addr.to_string())
+            .await
+            .expect("connecting to the kvstore");
+        if let Some(a) = &self.kv_auth {
+            a.login(&mut c).await.expect("AUTH");
+        }
+        c
+    }
+
+    /// A member connection to log replica `i` (0-based).
+    pub async fn connect_log(&self, i: usize) -> protocol::Client {
+        self.log.connect_log(i).await
+    }
+
+    /// A log client over the three replicas, as a member.
+    pub fn log_client(&self) -> protocol::LogClient {
+        self.log.log_client()
+    }
+
+    /// A member connection to the sequencer.
+    pub async fn connect_seq(&self) -> protocol::Client {
+        self.seq.connect().await
+    }
+
+    /// A sequencer next to a running log cluster, with its credentials; the kvstore is not
+    /// started yet.
     pub async fn assemble(log: LogCluster, kv_extra: &[&str]) -> System {
         let seq_dir = log.dir.path().join("sequencer");
         std::fs::create_dir_all(&seq_dir).expect("sequencer dir");
-        let seq = Sequencer::start(&seq_dir, &[]).await;
+        let seq = Sequencer::start_with(&seq_dir, &[], log.creds.clone()).await;
         System {
             kv_seq_route: seq.addr.to_string(),
             kv_log_route: log.addrs(),
@@ -297,6 +375,7 @@ impl System {
             "--log".into(),
             self.kv_log_route.join(","),
         ];
+        args.extend(self.log.creds.args());
         args.extend(self.kv_extra.iter().cloned());
         args
     }
@@ -310,8 +389,8 @@ impl System {
             .path()
             .join(format!("kvstore-{}.log", self.kv_starts));
         let mut p = Proc::spawn("kvstore", &self.kv_args(addr), &log);
-        wait_ready(addr, &mut p, Duration::from_secs(20)).await;
-        wait_serving_as(addr, &mut p, self.kv_auth.as_ref()).await;
+        wait_ready_with(addr, &mut p, Duration::from_secs(20), &self.log.creds).await;
+        wait_serving_with(addr, &mut p, &self.log.creds, self.kv_auth.as_ref()).await;
         p
     }
 
@@ -353,16 +432,27 @@ impl System {
     }
 }
 
-/// Waits until a kvstore reports `state=serving` (it replays the log first).
+/// Waits until a kvstore reports `state=serving` (it replays the log first); dials with
+/// `DTKV_TEST_SECURE`'s credentials.
 pub async fn wait_serving(addr: SocketAddr, p: &mut Proc) {
-    wait_serving_as(addr, p, None).await
+    wait_serving_with(addr, p, &Credentials::from_env(), None).await
 }
 
 /// [`wait_serving`] for a kvstore with users: asks `STATUS` as `auth` (an admin).
 pub async fn wait_serving_as(addr: SocketAddr, p: &mut Proc, auth: Option<&crate::Auth>) {
+    wait_serving_with(addr, p, &Credentials::from_env(), auth).await
+}
+
+/// [`wait_serving`], dialling with `creds` and logging in as `auth`.
+pub async fn wait_serving_with(
+    addr: SocketAddr,
+    p: &mut Proc,
+    creds: &Credentials,
+    auth: Option<&crate::Auth>,
+) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Some(s) = crate::status_as(addr, auth).await {
+        if let Some(s) = crate::status_full(addr, creds, auth).await {
             if s.get("state").map(String::as_str) == Some("serving") {
                 return;
             }

@@ -7,7 +7,7 @@
 //! transaction is all or nothing).
 
 use bytes::Bytes;
-use protocol::{Client, ClientError, CommitOutcome};
+use protocol::{ClientError, CommitOutcome};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,7 +35,10 @@ pub async fn workload(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut t = 0u64;
     while !stop.load(Ordering::SeqCst) {
-        let Ok(mut conn) = Client::connect(addr).await else {
+        let Ok(mut conn) = crate::Credentials::from_env()
+            .connect_any(&addr.to_string())
+            .await
+        else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
@@ -94,7 +97,10 @@ pub async fn check_history(
     hist: &History,
     clients: u64,
 ) -> Result<(), String> {
-    let mut c = Client::connect(addr).await.map_err(|e| e.to_string())?;
+    let mut c = crate::Credentials::from_env()
+        .connect_any(&addr.to_string())
+        .await
+        .map_err(|e| e.to_string())?;
     for client in 0..clients {
         let vals: Vec<Option<Bytes>> = {
             let mut v = Vec::new();

@@ -133,10 +133,7 @@ async fn adya_flags_a_real_write_skew_under_serializability() {
     let sys = cluster_tests::System::start(&[]).await;
     let t0 = Instant::now();
     let ns = || t0.elapsed().as_nanos() as u64;
-    let (mut c1, mut c2) = (
-        Client::connect(sys.kv_addr).await.unwrap(),
-        Client::connect(sys.kv_addr).await.unwrap(),
-    );
+    let (mut c1, mut c2) = (sys.connect_kv().await, sys.connect_kv().await);
     let invoked = ns();
     let (s1, m1) = skew_half(&mut c1, 0, 1).await;
     let (s2, m2) = skew_half(&mut c2, 1, 2).await;

@@ -32,6 +32,37 @@ struct Args {
     /// Seconds of load before and after each fault.
     #[arg(long, default_value_t = 3)]
     seconds: u64,
+    /// The cluster's credentials; without these flags, `<data>/cluster.secret` and
+    /// `<data>/tls/{ca.pem,node.pem,node.key}` (as `make run TLS=1` writes them) when present.
+    #[command(flatten)]
+    trust: protocol::trust::TrustArgs,
+    /// Connect to the kvstore under TLS (implied by the TLS files).
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The credentials drill dials with: the flags, or the files `make run` left under `data`.
+fn credentials(args: &Args) -> anyhow::Result<cluster_tests::Credentials> {
+    let mut t = args.trust.clone();
+    let given = t.cluster_secret_file.is_some() || t.tls_cert.is_some() || t.tls_ca.is_some();
+    if !given {
+        let secret = args.data.join("cluster.secret");
+        if secret.exists() {
+            t.cluster_secret_file = Some(secret);
+        }
+        let tls = args.data.join("tls");
+        if tls.join("ca.pem").exists() {
+            t.tls_ca = Some(tls.join("ca.pem"));
+            t.tls_cert = Some(tls.join("node.pem"));
+            t.tls_key = Some(tls.join("node.key"));
+        }
+    }
+    let c = cluster_tests::Credentials::from_files(&t)?;
+    anyhow::ensure!(
+        !args.tls || c.member.tls.is_some(),
+        "--tls needs --tls-cert/--tls-key/--tls-ca or <data>/tls/"
+    );
+    Ok(c)
 }
 
 fn pid_of(data: &std::path::Path, name: &str) -> Option<i32> {
@@ -104,8 +135,11 @@ async fn new_leader(killed: &str, old_term: u64, within: Duration) -> Option<(St
 /// Writes a probe key until one commits; the time since `since` when it did.
 async fn first_commit(kv: SocketAddr, key: String, since: Instant) -> Option<Duration> {
     while since.elapsed() < Duration::from_secs(60) {
-        if let Ok(Ok(mut c)) =
-            tokio::time::timeout(Duration::from_secs(1), protocol::Client::connect(kv)).await
+        if let Ok(Ok(mut c)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            cluster_tests::Credentials::from_env().connect_kv(&kv.to_string()),
+        )
+        .await
         {
             if let Ok(Ok(())) =
                 tokio::time::timeout(Duration::from_secs(30), c.put(key.clone(), "x")).await
@@ -125,6 +159,15 @@ fn ms(d: Duration) -> String {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
+    match credentials(&args) {
+        Ok(c) => {
+            c.install();
+        }
+        Err(e) => {
+            eprintln!("drill: {e:#}");
+            std::process::exit(2);
+        }
+    }
     // A kvstore just started answers PING before it has rebuilt itself from the log.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !serving(args.kv).await && Instant::now() < deadline {

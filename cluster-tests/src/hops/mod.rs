@@ -20,7 +20,7 @@
 
 use anyhow::Context;
 use protocol::hops::Mark;
-use protocol::{Client, Response};
+use protocol::Response;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -75,7 +75,8 @@ pub struct Level {
 const COLLECT_EVERY: Duration = Duration::from_millis(500);
 
 async fn hops_of(addr: &str) -> anyhow::Result<Vec<Mark>> {
-    let mut c = Client::connect(addr)
+    let mut c = crate::Credentials::from_env()
+        .connect_any(addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
     let lines = c.call_multi(b"HOPS").await.with_context(|| {
@@ -94,7 +95,8 @@ async fn hops_of(addr: &str) -> anyhow::Result<Vec<Mark>> {
 async fn roles(logs: &[String]) -> anyhow::Result<Vec<(u64, bool)>> {
     let mut out = Vec::new();
     for addr in logs {
-        let mut c = Client::connect(addr.as_str())
+        let mut c = crate::Credentials::from_env()
+            .connect_any(addr.as_str())
             .await
             .with_context(|| format!("connecting to {addr}"))?;
         let st: HashMap<String, String> = c.status().await?.into_iter().collect();

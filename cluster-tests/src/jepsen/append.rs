@@ -204,8 +204,11 @@ pub async fn client(shared: Arc<Shared>, c: u64, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut process = c;
     while !shared.stop.load(Ordering::SeqCst) {
-        let Ok(Ok(mut conn)) =
-            tokio::time::timeout(Duration::from_secs(1), Client::connect(shared.addr)).await
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            Duration::from_secs(1),
+            crate::Credentials::from_env().connect_any(&shared.addr.to_string()),
+        )
+        .await
         else {
             tokio::time::sleep(Duration::from_millis(50)).await; // retry backoff
             continue;
@@ -306,7 +309,9 @@ pub async fn final_read(shared: &Shared) -> Result<(), String> {
 }
 
 async fn final_read_once(addr: SocketAddr, keys: u64) -> Result<(u64, Vec<Mop>), ClientError> {
-    let mut conn = Client::connect(addr).await?;
+    let mut conn = crate::Credentials::from_env()
+        .connect_any(&addr.to_string())
+        .await?;
     let ts = conn.begin().await?;
     let rows = conn.scan(key_name(0), key_name(keys), None).await?;
     let mut lists = std::collections::BTreeMap::new();

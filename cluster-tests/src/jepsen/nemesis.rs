@@ -11,7 +11,7 @@
 //! straight to the isolated leader: it must not be acknowledged while the partition lasts, and
 //! if it is acknowledged later, the log must hold it at the index given.
 
-use protocol::{Client, Response};
+use protocol::Response;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::fmt;
@@ -201,7 +201,10 @@ pub async fn inject(fc: &mut FaultyCluster, step: &Step) -> (Active, String) {
             .encode();
             let probe = tokio::spawn(async move {
                 let r = async {
-                    let mut c = Client::connect(addr).await.map_err(|e| e.to_string())?;
+                    let mut c = crate::Credentials::from_env()
+                        .connect_any(&addr.to_string())
+                        .await
+                        .map_err(|e| e.to_string())?;
                     c.call(&line).await.map_err(|e| e.to_string())
                 }
                 .await;
@@ -304,7 +307,8 @@ async fn check_probe(
     }
     let leader = fc.leader().await;
     fc.sys.log.wait_applied(leader, index).await;
-    let mut c = Client::connect(fc.sys.log.replicas[leader].dksp)
+    let mut c = crate::Credentials::from_env()
+        .connect_any(&fc.sys.log.replicas[leader].dksp.to_string())
         .await
         .map_err(|e| e.to_string())?;
     match c.read_log(index, Some(1)).await {

@@ -30,7 +30,7 @@ fn b64(data: &[u8]) -> String {
 impl Conn {
     pub(super) async fn connect(target: Target, addr: &str) -> anyhow::Result<Conn> {
         Ok(match target {
-            Target::Dtkv => Conn::Dtkv(Client::connect(addr).await?),
+            Target::Dtkv => Conn::Dtkv(crate::Credentials::from_env().connect_any(addr).await?),
             Target::Etcd => Conn::Etcd(Http::connect(addr).await?),
         })
     }
