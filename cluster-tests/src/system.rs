@@ -175,6 +175,33 @@ impl LogCluster {
         Proc::spawn("logserver", &args, log)
     }
 
+    /// Starts a new, empty replica `id` (not in the membership yet, no `--init`) on free ports,
+    /// with this cluster's peers, credentials and extra flags, and waits until it answers; for
+    /// tests that `ADD_REPLICA` it. Returns its DKSP and Raft addresses and the process.
+    pub async fn spawn_new_replica(&self, id: u64) -> (SocketAddr, SocketAddr, Proc) {
+        let (dksp, raft) = (local(free_port()), local(free_port()));
+        let dir = self.dir.path().join(format!("log-{id}"));
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let mut args: Vec<String> = vec![
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            dksp.to_string(),
+            "--raft-listen".into(),
+            raft.to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--peers".into(),
+            self.peers(),
+        ];
+        args.extend(self.creds.args());
+        args.extend(self.extra.iter().cloned());
+        let log = self.dir.path().join(format!("log-{id}.log"));
+        let mut p = Proc::spawn("logserver", &args, &log);
+        wait_ready_with(dksp, &mut p, Duration::from_secs(20), &self.creds).await;
+        (dksp, raft, p)
+    }
+
     /// kill -9 replica `i` (0-based).
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut p) = self.replicas[i].proc_.take() {

@@ -405,29 +405,7 @@ async fn a_replica_added_catches_up_and_a_removed_one_is_not_needed() {
             .unwrap();
     }
     // A fourth replica, started empty without --init, then added by the leader.
-    let (dksp, raft) = (
-        cluster_tests::local(cluster_tests::free_port()),
-        cluster_tests::local(cluster_tests::free_port()),
-    );
-    let dir = c.dir.path().join("log-4");
-    std::fs::create_dir_all(&dir).unwrap();
-    let args: Vec<String> = [
-        "--id",
-        "4",
-        "--listen",
-        &dksp.to_string(),
-        "--raft-listen",
-        &raft.to_string(),
-        "--data-dir",
-        &dir.display().to_string(),
-        "--peers",
-        &c.peers(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut p = cluster_tests::Proc::spawn("logserver", &args, &c.dir.path().join("log-4.log"));
-    cluster_tests::wait_ready(dksp, &mut p, Duration::from_secs(20)).await;
+    let (dksp, raft, mut p) = c.spawn_new_replica(4).await;
     match log
         .call_leader(format!("ADD_REPLICA 4 {raft} {dksp}").as_bytes())
         .await

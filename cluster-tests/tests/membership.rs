@@ -83,29 +83,7 @@ async fn a_dead_replica_is_replaced_without_force_by_adding_the_new_one_first() 
     assert!(why.contains("leave 2 voter(s)"), "{why}");
 
     // A fourth replica, started empty without --init: four voters, three of them answering.
-    let (dksp, raft) = (
-        cluster_tests::local(cluster_tests::free_port()),
-        cluster_tests::local(cluster_tests::free_port()),
-    );
-    let dir = c.dir.path().join("log-4");
-    std::fs::create_dir_all(&dir).unwrap();
-    let args: Vec<String> = [
-        "--id",
-        "4",
-        "--listen",
-        &dksp.to_string(),
-        "--raft-listen",
-        &raft.to_string(),
-        "--data-dir",
-        &dir.display().to_string(),
-        "--peers",
-        &c.peers(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut p = cluster_tests::Proc::spawn("logserver", &args, &c.dir.path().join("log-4.log"));
-    cluster_tests::wait_ready(dksp, &mut p, std::time::Duration::from_secs(20)).await;
+    let (dksp, raft, mut p) = c.spawn_new_replica(4).await;
     assert_eq!(
         conn.call(format!("ADD_REPLICA 4 {raft} {dksp}").as_bytes())
             .await

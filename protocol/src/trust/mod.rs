@@ -227,12 +227,7 @@ impl Trust {
             Ok(())
         })
         .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "Raft handshake timed out",
-            ))
-        })
+        .unwrap_or_else(|_| Err(raft_timed_out()))
     }
 
     /// The accepting side of the Raft port's handshake: Ok once the peer is a member (by TLS, by
@@ -277,12 +272,7 @@ impl Trust {
             Ok(())
         })
         .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "Raft handshake timed out",
-            ))
-        })
+        .unwrap_or_else(|_| Err(raft_timed_out()))
     }
 
     /// The server-side gate for one accepted DKSP connection on a cluster port.
@@ -296,6 +286,10 @@ impl Trust {
             peer: stream.peer_addr().ok(),
         }
     }
+}
+
+fn raft_timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "Raft handshake timed out")
 }
 
 fn denied(why: &str) -> io::Error {
